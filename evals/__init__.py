@@ -1,0 +1,25 @@
+"""Evaluation for lorasc-tune: an lm-eval model adapter and the offline InstructEval suite.
+
+* :mod:`evals.lm_adapter` -- ``LoraScLM``, an ``lm_eval`` model (registered as ``"lorasc"``) over a
+  torchtune decoder and tokenizer loaded from our checkpoint folders.
+* :mod:`evals.tasks` -- lm-eval task YAMLs; ``--tasks instructeval`` runs MMLU, BBH, DROP,
+  HumanEval and GSM8K with InstructEval's settings, reading local files only.
+* :mod:`evals.lm_eval_cli` -- ``python -m evals.lm_eval_cli ...``: lm-eval's own CLI with our model
+  registered and our task folder on the include path.
+* :mod:`evals.report` -- a one-line-per-task markdown table from lm-eval's results JSON.
+
+Nothing here is imported eagerly: ``import evals`` stays cheap, and torch/lm_eval load on use.
+"""
+
+from pathlib import Path
+
+#: The folder that holds our lm-eval task YAMLs (pass it to ``--include_path``).
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+#: The name the adapter is registered under in lm-eval's model registry.
+MODEL_NAME = "lorasc"
+
+
+def register() -> None:
+    """Register the ``lorasc`` model with lm-eval (idempotent; importing the adapter does it)."""
+    import evals.lm_adapter  # noqa: F401  (the import registers the class)

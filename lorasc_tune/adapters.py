@@ -1,0 +1,196 @@
+"""Finding, reading and exporting torchtune LoRA/DoRA adapters in any ``nn.Module``.
+
+The cascade engine only needs four things from an adapted layer: its base weight ``W``
+``[d_out, d_in]``, its fast factors ``A`` ``[r, d_in]`` and ``B`` ``[d_out, r]``, and its scale
+``s``. :class:`AdaptedLayer` names them once so that the engine reads like the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from torchtune.modules.peft import DoRALinear, LoRALinear
+
+
+@dataclass
+class AdaptedLayer:
+    """One adapted linear layer: ``y = (W + s·B·A) x (+ bias)``, DoRA-normalised if ``dora``."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        return self.module.lora_a.weight
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        return self.module.lora_b.weight
+
+    @property
+    def scale(self) -> float:
+        m = self.module
+        return float(m.scaling) if hasattr(m, "scaling") else float(m.alpha) / float(m.rank)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def dora(self) -> bool:
+        return isinstance(self.module, DoRALinear)
+
+    @property
+    def shape(self) -> tuple:
+        """``(d_out, d_in)`` of the full weight (a DTensor reports its global shape too)."""
+        return (self.lora_b.shape[0], self.lora_a.shape[1])
+
+
+def find_adapters(model: nn.Module) -> List[AdaptedLayer]:
+    """All torchtune ``LoRALinear``/``DoRALinear`` layers (subclasses included), in module order."""
+    return [
+        AdaptedLayer(name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (LoRALinear, DoRALinear))
+    ]
+
+
+def adapter_key_names(layer: AdaptedLayer) -> List[str]:
+    keys = [f"{layer.name}.lora_a.weight", f"{layer.name}.lora_b.weight"]
+    if layer.dora:
+        keys.append(f"{layer.name}.magnitude")
+    return keys
+
+
+@torch.no_grad()
+def fold_adapter(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 magnitude: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+    """A layer's effective weight and bias as *new* tensors, with the adapter folded in.
+
+    LoRA: ``W + s·B·A``. DoRA (``magnitude`` given): ``m / ‖W + s·B·A‖_row · (W + s·B·A)``;
+    torchtune's DoRA scales the whole base output, bias included, by that factor, so the bias
+    is scaled too. Computed in float32 and returned in ``W``'s dtype.
+
+    Args:
+        weight: ``[d_out, d_in]``; lora_a: ``[r, d_in]``; lora_b: ``[d_out, r]``;
+        magnitude: ``[d_out]`` or None; bias: ``[d_out]`` or None.
+
+    Returns:
+        ``(weight [d_out, d_in], bias [d_out] or None)``, never sharing storage with the inputs.
+    """
+    full = torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scale)
+    if magnitude is not None:
+        row_scale = magnitude.float() / torch.linalg.norm(full, dim=1)
+        full = full * row_scale[:, None]
+        if bias is not None:
+            bias = (bias.float() * row_scale).to(bias.dtype)
+    elif bias is not None:
+        bias = bias.detach().clone()
+    return full.to(weight.dtype), bias
+
+
+def fold_adapters_in_state_dict(state: Dict[str, torch.Tensor],
+                                scales: Dict[str, float]) -> Dict[str, torch.Tensor]:
+    """A new state dict with every adapter folded in and its keys removed.
+
+    Works on full (unsharded) tensors, e.g. a state dict gathered on rank 0. The input is not
+    modified: a save must never merge into live weights (torchtune's CPU ``.cpu()`` path does,
+    which counts the adapter again after every save). Unadapted entries are passed through.
+
+    Args:
+        state: ``{name: tensor}`` with ``<layer>.weight``, ``<layer>.lora_a.weight``,
+            ``<layer>.lora_b.weight`` (and ``<layer>.magnitude`` for DoRA) per adapted layer.
+        scales: ``{layer name: s}`` for every adapted layer.
+    """
+    out = dict(state)
+    for name, scale in scales.items():
+        W, b = fold_adapter(
+            state[f"{name}.weight"], state[f"{name}.lora_a.weight"],
+            state[f"{name}.lora_b.weight"], scale, magnitude=state.get(f"{name}.magnitude"),
+            bias=state.get(f"{name}.bias"))
+        out[f"{name}.weight"] = W
+        if b is not None:
+            out[f"{name}.bias"] = b
+        for key in ("lora_a.weight", "lora_b.weight", "magnitude"):
+            out.pop(f"{name}.{key}", None)
+    return out
+
+
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The (unsharded) model's state dict with every adapter folded in, on CPU."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    merged = fold_adapters_in_state_dict(state, {l.name: l.scale for l in find_adapters(model)})
+    return {k: v.cpu() for k, v in merged.items()}
+
+
+@torch.no_grad()
+def init_dora_magnitudes(model: nn.Module) -> None:
+    """Set every DoRA magnitude to the row norms of ``W + s·B·A`` (DoRA's initialisation).
+
+    Done row by row on each rank's own shard, so it is exact under FSDP2 as well (the
+    magnitude, ``W`` and ``B`` are all sharded on dim 0; ``A`` is gathered, ``r × d_in``).
+    """
+    from lorasc_tune.sharding import gather_rows, local_rows
+
+    for layer in find_adapters(model):
+        if not layer.dora:
+            continue
+        W, _ = local_rows(layer.weight)
+        B, _ = local_rows(layer.lora_b)
+        a_local, _ = local_rows(layer.lora_a)
+        A = gather_rows(a_local, layer.lora_a)
+        mag, _ = local_rows(layer.module.magnitude)
+        full = torch.addmm(W.float(), B.float(), A.float().to(W.device), alpha=layer.scale)
+        mag.copy_(torch.linalg.norm(full, dim=1).to(mag.dtype))
+
+
+def inject(
+    model: nn.Module,
+    target_names: Iterable[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+) -> List[str]:
+    """Swap named ``nn.Linear`` children for torchtune ``LoRALinear``/``DoRALinear`` in place.
+
+    Any module whose attribute name is in ``target_names`` (e.g. ``("query", "value")`` for
+    BERT-style models) is replaced; its weight and bias are kept, so with ``B = 0`` the model's
+    outputs are unchanged. Only the adapter parameters are left trainable.
+
+    Returns:
+        The dotted names of the replaced modules.
+    """
+    targets = set(target_names)
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name not in targets or not isinstance(child, nn.Linear):
+                continue
+            cls = DoRALinear if use_dora else LoRALinear
+            new = cls(child.in_features, child.out_features, rank=rank, alpha=alpha,
+                      dropout=dropout, use_bias=child.bias is not None)
+            new = new.to(device=child.weight.device, dtype=child.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(child.weight)
+                if child.bias is not None:
+                    new.bias.copy_(child.bias)
+            setattr(parent, child_name, new)
+            replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not replaced:
+        raise ValueError(f"inject: no nn.Linear named any of {sorted(targets)} in the model")
+    if use_dora:
+        init_dora_magnitudes(model)
+    adapter_names = set()
+    for layer in find_adapters(model):
+        adapter_names.update(adapter_key_names(layer))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in adapter_names)
+    return replaced

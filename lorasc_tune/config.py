@@ -1,0 +1,219 @@
+"""The ``lorasc:`` config block: one dataclass, and every check with its error message.
+
+Every key is read and validated here, once. Recipes receive a :class:`LoRASCConfig` and never
+re-check it.
+
+.. code-block:: yaml
+
+    lorasc:
+      cascade: true           # false = plain LoRA: one expert, merged only in the exported copy
+      steps_per_expert: null  # null = one expert per epoch; N = a new expert every N optimizer steps
+      slow_alpha: 0.5         # α in [0, 1): A_slow ← α·A_slow + (1-α)·A_fast (0 = COLA-style)
+      noise_lambda: 1.0       # λ >= 0: W̃ = W + U(-λ/2, λ/2)·std(s·B_slow·A_slow) (0 = off)
+      lr_ratio_B: 1.0         # LoRA+: lr(B) = lr_ratio_B × lr(A); the paper uses 16
+      schedule: expert        # expert = the LR schedule restarts, compressed, for every expert
+                              # run = one schedule over the whole run (our COLA baseline)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+
+class LoRASCConfigError(ValueError):
+    """A ``lorasc:`` key (or another recipe key this project checks) has a bad value."""
+
+
+@dataclass(frozen=True)
+class LoRASCConfig:
+    cascade: bool = True
+    steps_per_expert: Optional[int] = None
+    slow_alpha: float = 0.5
+    noise_lambda: float = 1.0
+    lr_ratio_B: float = 1.0
+    schedule: str = "expert"
+
+    @property
+    def slow_enabled(self) -> bool:
+        return self.cascade and self.slow_alpha > 0.0
+
+    @property
+    def noise_enabled(self) -> bool:
+        return self.cascade and self.noise_lambda > 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, block: Optional[Mapping[str, Any]]) -> "LoRASCConfig":
+        """Build and validate from a ``lorasc:`` block (dict or OmegaConf); ``None`` = defaults.
+
+        Raises:
+            LoRASCConfigError: naming the key, the allowed range and the value given.
+        """
+        if block is None:
+            return cls()
+        raw = dict(_to_plain(block))
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise LoRASCConfigError(
+                f"unknown key(s) in lorasc: {', '.join('lorasc.' + k for k in unknown)}; "
+                f"allowed keys are {', '.join(allowed)}"
+            )
+        cfg = cls(**{**asdict(cls()), **raw})
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if not isinstance(self.cascade, bool):
+            raise LoRASCConfigError(
+                f"lorasc.cascade must be true or false; got {self.cascade!r}"
+            )
+        spe = self.steps_per_expert
+        if spe is not None:
+            if isinstance(spe, bool) or not isinstance(spe, int):
+                raise LoRASCConfigError(
+                    f"lorasc.steps_per_expert must be null (one expert per epoch) or an "
+                    f"integer >= 1; got {spe!r}"
+                )
+            if spe <= 0:
+                raise LoRASCConfigError(
+                    f"lorasc.steps_per_expert must be >= 1 (or null for one expert per epoch); "
+                    f"got {spe}"
+                )
+            if not self.cascade:
+                raise LoRASCConfigError(
+                    f"lorasc.steps_per_expert={spe} sets a cascade frequency, but "
+                    f"lorasc.cascade is false (plain LoRA has a single expert); set "
+                    f"lorasc.steps_per_expert to null or lorasc.cascade to true"
+                )
+        if self.schedule not in ("expert", "run"):
+            raise LoRASCConfigError(
+                f"lorasc.schedule must be 'expert' (restart per expert) or 'run' (one schedule "
+                f"for the whole run); got {self.schedule!r}")
+        _check_float("slow_alpha", self.slow_alpha, lo=0.0, hi=1.0, hi_open=True, rng="[0, 1)")
+        _check_float("noise_lambda", self.noise_lambda, lo=0.0, hi=math.inf, rng="[0, inf)")
+        _check_float("lr_ratio_B", self.lr_ratio_B, lo=0.0, hi=math.inf, lo_open=True,
+                     rng="(0, inf)")
+
+
+def _check_float(key: str, value: Any, lo: float, hi: float, rng: str,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not bad:
+        v = float(value)
+        bad = (not math.isfinite(v) or v < lo or v > hi
+               or (lo_open and v == lo) or (hi_open and v == hi))
+    if bad:
+        raise LoRASCConfigError(f"lorasc.{key} must be a number in {rng}; got {value!r}")
+
+
+def _to_plain(block: Any) -> Mapping[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(block, DictConfig):
+            return OmegaConf.to_container(block, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(block, Mapping):
+        raise LoRASCConfigError(f"lorasc must be a mapping of keys to values; got {block!r}")
+    return block
+
+
+# ---- recipe-level inputs ----------------------------------------------------------------------
+
+
+LLM_SECTIONS = ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir")
+
+
+def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS) -> None:
+    """Check the top-level training keys a LoRASC recipe reads, before anything is written.
+
+    ``sections`` are the top-level keys the recipe cannot run without.
+    """
+    def positive_int(key: str, optional: bool = False) -> None:
+        value = cfg.get(key, None)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            allowed = "null or an integer >= 1" if optional else "an integer >= 1"
+            raise LoRASCConfigError(f"{key} must be {allowed}; got {value!r}")
+
+    positive_int("epochs")
+    positive_int("batch_size")
+    positive_int("gradient_accumulation_steps")
+    positive_int("max_steps_per_epoch", optional=True)
+    positive_int("save_every_n_steps", optional=True)
+    clip = cfg.get("clip_grad_norm", None)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not math.isfinite(float(clip)) or float(clip) <= 0):
+        raise LoRASCConfigError(f"clip_grad_norm must be null or a number > 0; got {clip!r}")
+    for key in sections:
+        if cfg.get(key, None) is None:
+            raise LoRASCConfigError(f"the config has no `{key}` section, which this recipe needs")
+
+
+def check_checkpoint_files(cfg_checkpointer: Any) -> None:
+    """Fail early, naming the path, if a torchtune checkpointer's input files are missing.
+
+    Runs before the checkpointer is built (building it creates ``output_dir``), so a typo in
+    a path leaves the file system untouched. Components that make their own files (the
+    demo's) have no ``checkpoint_files`` key and are skipped.
+    """
+    files = cfg_checkpointer.get("checkpoint_files", None)
+    ckpt_dir = cfg_checkpointer.get("checkpoint_dir", None)
+    if files is None or ckpt_dir is None:
+        return
+    root = Path(str(ckpt_dir))
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpointer.checkpoint_dir does not exist: {root}")
+    if isinstance(files, Mapping) or hasattr(files, "filename_format"):
+        return  # torchtune's {filename_format, max_filename} form; the checkpointer checks it
+    for name in files:
+        if not (root / str(name)).is_file():
+            raise FileNotFoundError(
+                f"checkpointer.checkpoint_files: {root / str(name)} does not exist")
+    if "HFCheckpointer" in str(cfg_checkpointer.get("_component_", "")):
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(
+                f"checkpointer.checkpoint_dir has no config.json, which the HF checkpointer "
+                f"needs: {root / 'config.json'}")
+
+
+def check_tokenizer_file(cfg_tokenizer: Any) -> None:
+    path = cfg_tokenizer.get("path", None)
+    if path is not None and not Path(str(path)).is_file():
+        raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
+
+
+def check_dataset_rows(dataset: Any, name: str = "dataset") -> None:
+    """Transform every row once so a malformed one fails now, naming its index and field.
+
+    torchtune datasets transform rows lazily, so without this a bad row surfaces hours into
+    a run. Tokenising once up front costs seconds for instruction-sized data sets.
+    """
+    raw = getattr(dataset, "_data", None)  # torchtune SFTDataset keeps the HF rows here
+    if raw is not None and hasattr(raw, "column_names"):
+        # A JSON row missing a field comes back from HF datasets as None in that column.
+        for i, record in enumerate(raw):
+            missing = [k for k, v in record.items() if v is None]
+            if missing:
+                raise ValueError(f"{name} row {i} has no field '{missing[0]}' "
+                                 f"(fields: {', '.join(raw.column_names)})")
+    for i in range(len(dataset)):
+        try:
+            row = dataset[i]
+        except KeyError as e:
+            raise ValueError(f"{name} row {i} has no field {e}; check the data file or the "
+                             f"dataset's column_map") from e
+        except Exception as e:  # noqa: BLE001 - any failure here is a data problem
+            raise ValueError(f"{name} row {i} could not be prepared: {type(e).__name__}: {e}") \
+                from e
+        tokens = row.get("tokens") if isinstance(row, Mapping) else None
+        if tokens is not None and len(tokens) == 0:
+            raise ValueError(f"{name} row {i} tokenises to an empty sequence")
