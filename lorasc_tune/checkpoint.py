@@ -154,8 +154,13 @@ def save_sharded_training_state(output_dir: str | Path, model: nn.Module, engine
     dist.barrier()
     engine_state = engine.state_dict()
     dcp.save(_sharded_tensors(model, engine, engine_state.pop("slow")), checkpoint_id=str(staging))
-    optim = get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A fresh expert's optimizer has no state yet. get_optimizer_state_dict would create it by
+    # taking a zero-gradient step, which advances Adam's step count and so changes its bias
+    # correction; save "no state" instead (every rank sees the same emptiness).
+    optim = None
+    if optimizer.state:
+        optim = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, torch.get_rng_state())
     if rank == 0:
@@ -204,8 +209,11 @@ def load_sharded_training_state(path: Path, model: nn.Module, engine: CascadeEng
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              full_state: Dict[str, Any]) -> None:
+                              full_state: Optional[Dict[str, Any]]) -> None:
+    """Load a state saved by :func:`save_sharded_training_state` (None: a fresh optimizer)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if full_state is None:
+        return
     set_optimizer_state_dict(model, optimizer, optim_state_dict=full_state,
                              options=StateDictOptions(full_state_dict=True))

@@ -54,8 +54,9 @@ def choice_accuracy(model, tokenizer, examples: Sequence[Example], *, max_length
     requests, owners = [], []
     for i, ex in enumerate(examples):
         for choice in ex.choices:
-            # MeZO's token split: the candidate's tokens are those ``prompt + choice`` has beyond
-            # ``prompt`` (tokenize_example counts them that way), so the boundary is tokenized jointly.
+            # MeZO's token split: the candidate's tokens are those ``prompt + choice`` has
+            # beyond ``prompt`` (tokenize_example counts them that way), so the boundary is
+            # tokenized jointly.
             row = tokenize_example(tokenizer, Example(prompt=ex.prompt, target=choice))
             n_prompt = sum(1 for label in row["labels"] if label < 0)
             requests.append((row["tokens"][:n_prompt], row["tokens"][n_prompt:]))

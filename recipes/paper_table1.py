@@ -46,6 +46,8 @@ from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
 from lorasc_tune.config import LoRASCConfig
+from lorasc_tune.data import MissingDataError
+from lorasc_tune.data.mezo import resolve_file
 from lorasc_tune.io import atomic_write_text
 
 # This folder is on sys.path when the script runs (and the tests put it there): it has no
@@ -54,7 +56,8 @@ from make_ablation_configs import ROWS, VARIANTS as ADAPTERS  # noqa: E402
 from paper_scoring import primary_metric, score_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPE = "lorasc_tune/recipes/lorasc_lora.py"  # relative to REPO_ROOT, the form `tune run` expects
+# `tune run` imports a custom recipe by module path (lorasc_tune.recipes.lorasc_lora).
+RECIPE = "lorasc_tune/recipes/lorasc_lora.py"
 DEFAULT_CONFIG_DIR = REPO_ROOT / "configs" / "paper"
 
 # Table 1's columns, in the paper's (MeZO's) order, with their display names.
@@ -191,8 +194,9 @@ def load_train_config(config_path: Path, overrides: Sequence[str]) -> DictConfig
 
 
 def fingerprint(cfg: DictConfig, sweep: Sweep) -> str:
-    """Hash of what determines a cell's numbers: the training config (minus where it is written)
-    and the scoring settings. Interpolations stay unresolved, so moving the sweep folder keeps it."""
+    """Hash of what determines a cell's numbers: the training config (minus where it is
+    written) and the scoring settings. Interpolations stay unresolved, so moving the sweep
+    folder keeps the hash."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     for key in ("output_dir", "resume_from_checkpoint"):
         plain.pop(key, None)
@@ -220,19 +224,25 @@ def _log_tail(log: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def train_command(cell: Cell, sweep: Sweep, resume: bool = False) -> List[str]:
+    """The ``tune run`` command line that trains the cell."""
+    overrides = sweep.train_overrides(cell) + (["resume_from_checkpoint=true"] if resume else [])
+    return [tune_executable(), "run", RECIPE, "--config", str(sweep.config_path(cell.task)),
+            *overrides]
+
+
 def train_cell(cell: Cell, sweep: Sweep, run_dir: Path, final_dir: Path) -> None:
     """Run ``tune run`` for the cell, resuming from the saved training state if there is one."""
-    overrides = sweep.train_overrides(cell)
-    if (run_dir / "lorasc_state" / "training_state.pt").is_file():
-        overrides.append("resume_from_checkpoint=true")
-    command = [tune_executable(), "run", RECIPE, "--config", str(sweep.config_path(cell.task)),
-               *overrides]
+    resume = (run_dir / "lorasc_state" / "training_state.pt").is_file()
+    command = train_command(cell, sweep, resume=resume)
     log = run_dir / "train.log"
     print(f"  $ {shlex.join(command)}", flush=True)
     with open(log, "a") as out:
         out.write(f"$ {shlex.join(command)}\n")
         out.flush()
-        proc = subprocess.run(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # Same working directory as the scorer, so relative paths in configs and overrides mean
+        # the same file in both; `tune run` finds the recipe as the installed module.
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode == 0 and (final_dir / "config.json").is_file():
         return
     # The recipe raises NonFiniteLossError when the loss becomes NaN/Inf: the learning rate
@@ -317,8 +327,9 @@ def finished_result(cell: Cell, sweep_dir: Path, fp: str) -> Optional[dict]:
 
 
 def check_sweep(sweep: Sweep) -> None:
-    """Validate every input before any training: bad names, a missing config, an override that
-    clashes with a cell or method key, or an invalid ``lorasc`` block fail here, naming the culprit."""
+    """Validate every input before any training: bad names, a missing config or data file, an
+    override that clashes with a cell or method key, or an invalid ``lorasc`` block fail here,
+    naming the culprit."""
     unknown = [t for t in sweep.tasks if t not in TASK_LABELS]
     if unknown:
         raise SweepError(f"unknown task(s) {unknown}; known: {', '.join(TASK_LABELS)}")
@@ -326,7 +337,8 @@ def check_sweep(sweep: Sweep) -> None:
     if unknown:
         raise SweepError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if not (sweep.tasks and sweep.variants and sweep.seeds and sweep.lrs):
-        raise SweepError("the sweep is empty: --tasks, --variants, --seeds and --lrs each need a value")
+        raise SweepError("the sweep is empty: --tasks, --variants, --seeds and --lrs each "
+                         "need a value")
     variant_keys = {o.split("=")[0] for v in VARIANTS.values() for o in v.overrides}
     for override in sweep.overrides:
         if "=" not in override and not override.startswith("~"):
@@ -343,6 +355,17 @@ def check_sweep(sweep: Sweep) -> None:
                 LoRASCConfig.from_config(cfg.get("lorasc"))
             except ValueError as e:
                 raise SweepError(f"{task} / {variant}: {e}") from e
+        check_data_files(task, cfg.dataset)
+
+
+def check_data_files(task: str, cfg_dataset: DictConfig) -> None:
+    """Fail now, not hours into the sweep, when a task's original files are missing."""
+    for which, explicit in (("train", "train_file"), ("valid", "valid_file")):
+        try:
+            resolve_file(task, which, cfg_dataset.get("data_dir"), cfg_dataset.get(explicit))
+        except MissingDataError as e:
+            raise SweepError(f"{e} (for the sweep: --override dataset.data_dir=<root holding "
+                             f"the files in that layout>, or set $LORASC_SHARED_DATA)") from e
 
 
 def run_sweep(sweep: Sweep, dry_run: bool = False, score_fn: Callable = score_checkpoint) -> dict:
@@ -358,9 +381,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, score_fn: Callable = score_ch
             done += 1
             continue
         if dry_run:
-            print(f"[{i}/{len(cells)}] would run {cell.name}:\n  $ " + shlex.join(
-                [tune_executable(), "run", RECIPE, "--config", str(sweep.config_path(cell.task)),
-                 *sweep.train_overrides(cell)]))
+            print(f"[{i}/{len(cells)}] would run {cell.name}:\n"
+                  f"  $ {shlex.join(train_command(cell, sweep))}")
             continue
         print(f"[{i}/{len(cells)}] {cell.name}", flush=True)
         try:

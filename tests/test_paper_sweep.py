@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
 from conftest import REPO_ROOT, require_shared
@@ -115,6 +114,8 @@ def test_bad_sweep_inputs_are_named(tmp_path):
         pt.check_sweep(pt.Sweep(tmp_path, overrides=["lorasc.noise_lambda=2"]))
     with pytest.raises(pt.SweepError, match="config not found: .*llama2_7b_sst2.yaml"):
         pt.check_sweep(pt.Sweep(tmp_path, tasks=["sst2"], config_dir=tmp_path))
+    with pytest.raises(pt.SweepError, match="sst2: the train split .* does not exist"):
+        pt.check_sweep(pt.Sweep(tmp_path, tasks=["sst2"], overrides=[f"dataset.data_dir={tmp_path}"]))
 
 
 def test_a_crashed_cell_leaves_no_result_and_reruns_without_retraining(tmp_path):
