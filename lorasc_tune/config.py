@@ -149,6 +149,7 @@ def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS) -> None:
     positive_int("gradient_accumulation_steps")
     positive_int("max_steps_per_epoch", optional=True)
     positive_int("save_every_n_steps", optional=True)
+    positive_int("keep_last_n_states", optional=True)
     clip = cfg.get("clip_grad_norm", None)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                              or not math.isfinite(float(clip)) or float(clip) <= 0):

@@ -58,6 +58,7 @@ checkpointer:
   output_dir: ${{output_dir}}
 resume_from_checkpoint: False
 save_every_n_steps: null   # the training state is saved at every epoch end
+save_final_model_only: True  # the sweep scores only the last epoch; skip 13.5 GB per earlier epoch
 
 dataset:
   _component_: lorasc_tune.data.{task}_dataset

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO_ROOT
+from shared_paths import REPO_ROOT
 from lorasc_tune.config import LoRASCConfig
 
 LLM_CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torchtune.config._utils import _get_component_from_path
 
-from conftest import REPO_ROOT, require_shared
+from shared_paths import REPO_ROOT, require_shared
 from lorasc_tune.config import LoRASCConfig
 from lorasc_tune.data import BUILDERS
 from lorasc_tune.demo import write_tiny_llama2_hf_checkpoint

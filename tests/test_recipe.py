@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchtune.models.llama2 import llama2
 
-from conftest import REPO_ROOT, require_shared
+from shared_paths import REPO_ROOT, require_shared
 from lorasc_tune.checkpoint import training_state_path
 from lorasc_tune.config import LoRASCConfigError
 from lorasc_tune.recipes.lorasc_lora import NonFiniteLossError
@@ -256,3 +256,11 @@ def test_schedule_restarts_per_expert_or_runs_once(assets, tmp_path):
     expect_run = [0.0, peak / 2] + [peak * (12 - s) / 10 for s in range(2, 12)]
     assert per_expert == pytest.approx(expect_expert, abs=1e-12)
     assert run == pytest.approx(expect_run, abs=1e-12)
+
+
+def test_save_final_model_only_still_saves_the_state(assets, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(tiny_cfg(assets, out, save_final_model_only=True))
+    assert not (out / "epoch_0").exists() and not (out / "epoch_1").exists()
+    assert (out / "epoch_2" / "config.json").is_file()
+    assert training_state_path(out).is_file()

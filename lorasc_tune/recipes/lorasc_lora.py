@@ -90,6 +90,8 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and \
             self._device.type == "cuda"
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        # Sweeps with a 7B model may want only the last merged model (13.5 GB per epoch).
+        self._save_final_model_only = cfg.get("save_final_model_only", False)
         self.seed = training.set_seed(seed=cfg.seed,
                                       debug_mode=cfg.get("cudnn_deterministic_mode", None))
         self.total_epochs = cfg.epochs
@@ -334,6 +336,10 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
     def save_checkpoint(self, epoch: int) -> None:
         """Write ``epoch_{epoch}/`` (merged model) and, while training goes on, the state."""
         t0 = time.perf_counter()
+        if self.epochs_run < self.total_epochs:
+            self._save_state(epochs_run=self.epochs_run)
+            if self._save_final_model_only:
+                return
         staging = self._output_dir / ".staging"
         final_dir = self._output_dir / f"epoch_{epoch}"
         # torchtune's checkpointers write into ``<_output_dir>/epoch_N``; point them at a
@@ -346,8 +352,6 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         finally:
             self._checkpointer._output_dir = real_output_dir
         replace_dir(staging / f"epoch_{epoch}", final_dir)
-        if self.epochs_run < self.total_epochs:
-            self._save_state(epochs_run=self.epochs_run)
         log.info(f"Merged model for epoch {epoch + 1} saved to {final_dir} "
                  f"in {time.perf_counter() - t0:.1f}s")
         self.last_output_path = final_dir

@@ -85,6 +85,8 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and \
             self._device.type == "cuda"
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        # Sweeps with a 7B model may want only the last merged model (13.5 GB per epoch).
+        self._save_final_model_only = cfg.get("save_final_model_only", False)
         self._keep_last_n_states = cfg.get("keep_last_n_states", 1)
         # Every rank draws the same numbers: the cascade's own draws are counter-based, and the
         # model's (dropout) are per rank anyway.
@@ -360,6 +362,10 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
     def save_checkpoint(self, epoch: int) -> None:
         """Consolidate and write ``epoch_{epoch}/`` on rank 0; save the sharded state."""
         t0 = time.perf_counter()
+        if self.epochs_run < self.total_epochs:
+            self._save_state(epochs_run=self.epochs_run)
+            if self._save_final_model_only:
+                return
         full = training.gather_cpu_state_dict(self._model, self._is_rank_zero,
                                               device=self._device)
         final_dir = self._output_dir / f"epoch_{epoch}"
@@ -376,8 +382,6 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 self._checkpointer._output_dir = real_output_dir
             replace_dir(staging / f"epoch_{epoch}", final_dir)
         del full
-        if self.epochs_run < self.total_epochs:
-            self._save_state(epochs_run=self.epochs_run)
         dist.barrier()
         utils.log_rank_zero(log, f"Merged model for epoch {epoch + 1} saved to {final_dir} in "
                                  f"{time.perf_counter() - t0:.1f}s")

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-# pytest puts tests/ on sys.path, where this folder (no __init__.py) would be picked up as a
-# namespace package named "evals" ahead of the real one; a path entry holding the real package
-# makes the import system prefer it (a regular package beats namespace portions).
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:
-    sys.path.append(_REPO_ROOT)
 
 # Two layers, GQA (4 query heads over 2 kv heads), the real Llama-2 vocabulary so the shared
 # tokenizer can drive it; 2048 positions so 5-shot MMLU prompts fit without truncation.
