@@ -123,10 +123,31 @@ def fold_adapters_in_state_dict(state: Dict[str, torch.Tensor],
     return out
 
 
-def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The (unsharded) model's state dict with every adapter folded in, on CPU."""
+def merged_state_dict(model: nn.Module,
+                      base_weights: Optional[Dict[str, torch.Tensor]] = None
+                      ) -> Dict[str, torch.Tensor]:
+    """The (unsharded) model's state dict with every adapter folded in, on CPU.
+
+    Args:
+        base_weights: optional ``{"<layer>.weight": full-precision W}`` that replace the
+            model's own base weights in the fold, e.g. the engine's fp32 masters
+            (:meth:`CascadeEngine.master_weights`): a QLoRA export then folds from the
+            full-precision source of truth, not from the NF4 weight, and a bf16 run with an
+            fp32 master rounds once, at the end. Each folded weight is stored in the dtype the
+            model's state dict has for it (bf16 for a bf16 or QLoRA model).
+    """
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtypes = {}
+    for key, master in (base_weights or {}).items():
+        if key not in state:
+            raise KeyError(f"merged_state_dict: {key!r} is not in the model's state dict")
+        dtypes[key] = state[key].dtype
+        # Fold on the adapter's device; NF4 state-dict hooks may have moved W to CPU.
+        lora_a = state[key[: -len("weight")] + "lora_a.weight"]
+        state[key] = master.to(device=lora_a.device, dtype=torch.float32)
     merged = fold_adapters_in_state_dict(state, {l.name: l.scale for l in find_adapters(model)})
+    for key, dtype in dtypes.items():
+        merged[key] = merged[key].to(dtype)
     return {k: v.cpu() for k, v in merged.items()}
 
 

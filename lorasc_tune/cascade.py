@@ -23,7 +23,15 @@ base: the exported model folds that expert in (see :func:`lorasc_tune.adapters.m
 DoRA: only the direction (``W``, A, B) is cascaded; the magnitude vector is an ordinary
 trainable parameter that carries across experts and is never reset.
 
-Random numbers (A's draw, the noise) come from counter-based streams keyed by
+Precision (``lorasc.merge_precision``, docs/merge_precision.md): every write into ``W`` (noise and
+merge) is computed in fp32 and stored through one policy. ``nearest`` rounds to nearest;
+``stochastic`` rounds stochastically (unbiased, no memory); ``fp32_master`` keeps an fp32 copy
+of each adapted matrix's local rows, updates it, and stores ``W = round(master)``. An NF4
+(QLoRA/QDoRA) base always gets a full-precision master on CPU, and every update requantizes
+``W = to_nf4(master)``, so quantization error never accumulates across merges. fp32 bases
+need none of this: all modes are exact there, and no master is kept.
+
+Random numbers (A's draw, the noise, stochastic rounding) come from counter-based streams keyed by
 ``(seed, expert, layer)``, so they do not depend on RNG state, device, or how FSDP shards the
 rows. The engine works on DTensor shards (FSDP2) as well as plain tensors: every update is
 row-local, and the two global quantities (full A, and std's two moments) are tiny.
@@ -31,7 +39,7 @@ row-local, and the two global quantities (full A, and std's two moments) are tin
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,8 +49,10 @@ from lorasc_tune.config import LoRASCConfig
 from lorasc_tune.ops import (
     add_uniform_noise_,
     counter_kaiming_uniform,
+    is_nf4,
     lowrank_delta_moments,
     merge_lowrank_,
+    requantize_nf4_,
     std_from_moments,
     stream_key,
 )
@@ -51,7 +61,11 @@ from lorasc_tune.sharding import gather_rows as _gather_rows
 from lorasc_tune.sharding import as_dtensor_like, is_dtensor
 from lorasc_tune.sharding import local_rows as _local_rows
 
-_STREAM_A, _STREAM_NOISE = 1, 2
+_STREAM_A, _STREAM_NOISE, _STREAM_ROUND_NOISE, _STREAM_ROUND_MERGE = 1, 2, 3, 4
+# Config keys that must not change on resume (merge_precision: a default for older states,
+# which were all written with round-to-nearest).
+_RESUME_KEYS = {"cascade": None, "steps_per_expert": None, "slow_alpha": None,
+                "noise_lambda": None, "merge_precision": "nearest"}
 STATE_VERSION = 1
 
 
@@ -66,9 +80,15 @@ class CascadeEngine:
         model: any module holding torchtune ``LoRALinear``/``DoRALinear`` layers.
         cfg: the validated ``lorasc:`` block.
         seed: the run's seed; with the expert and layer index it keys every random draw.
+        master_source: optional ``{"<layer>.weight": full-precision [d_out, d_in] tensor}``,
+            e.g. the checkpoint as loaded. Where the engine keeps a master (NF4 bases, or
+            ``merge_precision: fp32_master`` with a bf16/fp16 base) it starts from these
+            values instead of the (already rounded or quantized) weight, and ``W`` is
+            re-derived from it. Unused entries are ignored.
     """
 
-    def __init__(self, model: nn.Module, cfg: LoRASCConfig, seed: int) -> None:
+    def __init__(self, model: nn.Module, cfg: LoRASCConfig, seed: int,
+                 master_source: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         self.layers: List[AdaptedLayer] = find_adapters(model)
         if not self.layers:
             raise ValueError(
@@ -83,6 +103,64 @@ class CascadeEngine:
         self.slow_A: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.slow_B: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.noise_std: Dict[int, List[float]] = {}
+        # fp32 master of W's local rows, or None where W is rounded in place (see module doc).
+        self.master: List[Optional[torch.Tensor]] = [
+            self._build_master(layer, master_source) for layer in self.layers]
+
+    @torch.no_grad()
+    def _build_master(self, layer: AdaptedLayer,
+                      source: Optional[Mapping[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        W, row0 = _local_rows(layer.weight)
+        nf4 = is_nf4(W)
+        if nf4 and is_dtensor(layer.weight):
+            raise NotImplementedError(
+                f"{layer.name}: NF4 (quantize_base) weights under FSDP2 are not supported by the "
+                f"LoRASC engine; use the single-device recipe for QLoRA/QDoRA")
+        if not nf4 and (self.cfg.merge_precision != "fp32_master"
+                        or torch.finfo(W.dtype).bits >= 32):
+            return None
+        full = None if source is None else source.get(f"{layer.name}.weight")
+        if full is not None:
+            master = full.detach()[row0: row0 + W.shape[0]].to(torch.float32).clone()
+        else:
+            master = (W.get_original_weight() if nf4 else W).detach().to(torch.float32).clone()
+        # One device: the master lives in host memory (4 bytes/element on the GPU would cost
+        # more than the bf16 or NF4 weights themselves); each update streams one matrix to W's
+        # device and back. FSDP2: next to W's local shard (1/world_size of it per GPU), so the
+        # update stays a row-local op and DCP saves it like any sharded tensor.
+        master = master.to(W.device if is_dtensor(layer.weight) else "cpu")
+        self._store(layer, W, master)
+        return master
+
+    @staticmethod
+    def _store(layer: AdaptedLayer, W: torch.Tensor, master: torch.Tensor) -> None:
+        """``W ← round(master)``: requantize an NF4 base, round-to-nearest a dense one."""
+        if is_nf4(W):
+            requantize_nf4_(layer.weight, master)
+        else:
+            W.copy_(master)
+
+    def _rounding(self) -> str:
+        return "stochastic" if self.cfg.merge_precision == "stochastic" else "nearest"
+
+    @torch.no_grad()
+    def _update_base(self, i: int, layer: AdaptedLayer, t: int, stream: int, fn) -> None:
+        """Apply ``fn(rows, rounding, round_key, row_start)`` (expert ``t``'s noise or merge) to W.
+
+        With a master, ``fn`` runs on the fp32 master (exact; moved to W's device for the
+        computation if it lives on CPU) and W is re-derived from it; without one, ``fn``
+        rounds straight into W with the configured policy.
+        """
+        W, row0 = _local_rows(layer.weight)
+        master = self.master[i]
+        if master is None:
+            fn(W, self._rounding(), stream_key(self.seed, t, i, stream), row0)
+            return
+        work = master.to(W.device)
+        fn(work, "nearest", None, row0)
+        if work is not master:
+            master.copy_(work)
+        self._store(layer, W, work)
 
     # ---- Algorithm 1 ------------------------------------------------------------------------
 
@@ -114,9 +192,11 @@ class CascadeEngine:
                 continue
             std = self._slow_delta_std(i, layer) if self.cfg.noise_enabled else 0.0
             if std > 0.0:
-                W, w_row0 = _local_rows(layer.weight)
-                add_uniform_noise_(W, std, self.cfg.noise_lambda,
-                                   stream_key(self.seed, t, i, _STREAM_NOISE), row_start=w_row0)
+                noise_key = stream_key(self.seed, t, i, _STREAM_NOISE)
+                self._update_base(i, layer, t, _STREAM_ROUND_NOISE,
+                                  lambda rows, mode, rkey, row0: add_uniform_noise_(
+                                      rows, std, self.cfg.noise_lambda, noise_key,
+                                      row_start=row0, rounding=mode, round_key=rkey))
             widths.append(self.cfg.noise_lambda * std)
         self.expert, self.expert_open = t, True
         self.noise_std[t] = widths
@@ -140,9 +220,12 @@ class CascadeEngine:
                 B, _ = _local_rows(layer.lora_b)
                 self.slow_A[i].mul_(alpha).add_(A.float(), alpha=1.0 - alpha)
                 self.slow_B[i].mul_(alpha).add_(B.float(), alpha=1.0 - alpha)
-                W, _ = _local_rows(layer.weight)
-                merge_lowrank_(W, self.slow_B[i], _gather_rows(self.slow_A[i], layer.lora_a),
-                               layer.scale)
+                A_full = _gather_rows(self.slow_A[i], layer.lora_a)
+                B_slow = self.slow_B[i]
+                self._update_base(i, layer, self.expert, _STREAM_ROUND_MERGE,
+                                  lambda rows, mode, rkey, row0: merge_lowrank_(
+                                      rows, B_slow, A_full, layer.scale, rounding=mode,
+                                      round_key=rkey, row_start=row0))
                 # The expert now lives in W; with B = 0 the model computes the merged weights.
                 B.zero_()
         self.expert_open = False
@@ -183,8 +266,9 @@ class CascadeEngine:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue the cascade (the base weights are saved separately).
 
-        ``state["slow"]`` maps ``<layer>.slow_A`` / ``<layer>.slow_B`` to float32 tensors; under
-        FSDP2 they are DTensors sharded like the layer's A and B, so a sharded checkpoint
+        ``state["slow"]`` maps ``<layer>.slow_A`` / ``<layer>.slow_B`` to float32 tensors, and
+        ``<layer>.master`` to the fp32 master where one is kept; under FSDP2 they are DTensors
+        sharded like the layer's A, B and W, so a sharded checkpoint
         (``torch.distributed.checkpoint``) can reload them at any world size.
         """
         slow = {}
@@ -192,6 +276,9 @@ class CascadeEngine:
             if A is not None:
                 slow[f"{layer.name}.slow_A"] = _wrap_like(A.clone(), layer.lora_a)
                 slow[f"{layer.name}.slow_B"] = _wrap_like(B.clone(), layer.lora_b)
+        for layer, master in zip(self.layers, self.master):
+            if master is not None:
+                slow[f"{layer.name}.master"] = _wrap_like(master.clone(), layer.weight)
         return {
             "version": STATE_VERSION,
             "config": self.cfg.to_dict(),
@@ -213,11 +300,12 @@ class CascadeEngine:
                 f"{len(state['layers'])} layers, model has {len(names)} "
                 f"(first saved: {state['layers'][:2]}, first in model: {names[:2]})"
             )
-        for key in ("cascade", "steps_per_expert", "slow_alpha", "noise_lambda"):
-            if state["config"].get(key) != getattr(self.cfg, key):
+        for key, default in _RESUME_KEYS.items():
+            saved = state["config"].get(key, default)
+            if saved != getattr(self.cfg, key):
                 raise ValueError(
                     f"lorasc.{key}={getattr(self.cfg, key)!r} differs from the checkpoint's "
-                    f"{state['config'].get(key)!r}; resume with the original value"
+                    f"{saved!r}; resume with the original value"
                 )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"seed={self.seed} differs from the checkpoint's {state['seed']}; "
@@ -228,6 +316,28 @@ class CascadeEngine:
         self.slow_A = [_local_copy(slow.get(f"{n}.slow_A")) for n in names]
         self.slow_B = [_local_copy(slow.get(f"{n}.slow_B")) for n in names]
         self.noise_std = dict(state["noise_std"])
+        with torch.no_grad():
+            for layer, master in zip(self.layers, self.master):
+                if master is None:
+                    continue
+                saved = slow.get(f"{layer.name}.master")
+                if saved is None:
+                    raise ValueError(
+                        f"cascade state has no fp32 master for {layer.name}, which this run "
+                        f"keeps (NF4 base or merge_precision: fp32_master); it cannot resume "
+                        f"exactly from this state")
+                master.copy_(_local_copy(saved))
+                # The master is the source of truth; W is re-derived from it, exactly.
+                self._store(layer, _local_rows(layer.weight)[0], master)
+
+    def master_weights(self) -> Dict[str, torch.Tensor]:
+        """``{"<layer>.weight": fp32 master}`` for layers that keep one (local rows).
+
+        Export folds from these (:func:`lorasc_tune.adapters.merged_state_dict`), not from the
+        rounded or NF4 weight.
+        """
+        return {f"{layer.name}.weight": m for layer, m in zip(self.layers, self.master)
+                if m is not None}
 
 
 def _wrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -44,13 +44,17 @@ def capture_training_state(
 ) -> Dict[str, Any]:
     """Everything needed to continue a run bit-for-bit, as CPU tensors.
 
-    ``base`` holds the current (noised and merged) weight of every adapted layer;
-    ``trainable`` holds every parameter with ``requires_grad`` (the fast expert, DoRA
-    magnitudes, any head).
+    ``base`` holds the current (noised and merged) weight of every adapted layer that has
+    no fp32 master; where the engine keeps one (NF4 bases, ``merge_precision: fp32_master``),
+    the master is saved in the engine state instead and ``W`` is re-derived from it on
+    restore, exactly. ``trainable`` holds every parameter with ``requires_grad`` (the fast
+    expert, DoRA magnitudes, any head).
     """
+    masters = engine.master_weights()
     state = {
         "version": TRAINING_STATE_VERSION,
-        "base": {f"{l.name}.weight": l.weight.detach().cpu().clone() for l in engine.layers},
+        "base": {f"{l.name}.weight": l.weight.detach().cpu().clone() for l in engine.layers
+                 if f"{l.name}.weight" not in masters},
         "trainable": {n: p.detach().cpu().clone()
                       for n, p in model.named_parameters() if p.requires_grad},
         "engine": engine.state_dict(),
@@ -106,7 +110,8 @@ def restore_model_state(model: nn.Module, engine: CascadeEngine, state: Dict[str
 #
 # ${output_dir}/lorasc_state/step_<N>/ holds
 #   * a torch.distributed.checkpoint (DCP) of the tensors that scale with the model: the current
-#     base of every adapted matrix, the trainable parameters and the slow expert, each saved
+#     base of every adapted matrix, the trainable parameters, the slow expert and (with
+#     merge_precision: fp32_master) the fp32 masters, each saved
 #     shard by shard (no rank ever holds a full matrix), re-shardable to any world size;
 #   * meta.pt, written by rank 0: counters, engine scalars, scheduler state and the optimizer
 #     state, which is adapter-sized (two moments per LoRA parameter) and gathered to rank 0.
@@ -199,6 +204,9 @@ def load_sharded_training_state(path: Path, model: nn.Module, engine: CascadeEng
             local, _ = local_rows(like)
             zeros = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
             slow[f"{layer.name}.{key}"] = as_dtensor_like(zeros, like)
+    for layer, master in zip(engine.layers, engine.master):
+        if master is not None:  # merge_precision: fp32_master, sharded like W
+            slow[f"{layer.name}.master"] = as_dtensor_like(torch.zeros_like(master), layer.weight)
     tensors = _sharded_tensors(model, engine, slow)
     dcp.load(tensors, checkpoint_id=str(path))
     engine.load_state_dict({**meta["engine"], "slow": tensors["slow"]})

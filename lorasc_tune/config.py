@@ -13,6 +13,13 @@ re-check it.
       lr_ratio_B: 1.0         # LoRA+: lr(B) = lr_ratio_B × lr(A); the paper uses 16
       schedule: expert        # expert = the LR schedule restarts, compressed, for every expert
                               # run = one schedule over the whole run (our COLA baseline)
+      merge_precision: fp32_master  # how merges and noise are stored in a bf16 base:
+                              # fp32_master = fp32 copy of the adapted matrices, 4 bytes/element
+                              #               (host RAM on one device; per-GPU shard on FSDP2)
+                              # stochastic  = unbiased stochastic rounding, no extra memory
+                              # nearest     = round-to-nearest (sub-half-ulp deltas vanish)
+                              # fp32 bases are exact in every mode; NF4 (QLoRA) bases always
+                              # keep a full-precision master on CPU (see docs/merge_precision.md)
 """
 
 from __future__ import annotations
@@ -21,6 +28,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
+
+
+MERGE_PRECISIONS = ("nearest", "stochastic", "fp32_master")
+# Chosen from bench/merge_precision.py (docs/merge_precision.md): the fp32 master loses none of
+# the update and had the smallest error at every T measured (W is always the nearest bf16
+# value of the exact fp32 result). On one device it lives in host memory: no GPU memory.
+DEFAULT_MERGE_PRECISION = "fp32_master"
 
 
 class LoRASCConfigError(ValueError):
@@ -35,6 +49,7 @@ class LoRASCConfig:
     noise_lambda: float = 1.0
     lr_ratio_B: float = 1.0
     schedule: str = "expert"
+    merge_precision: str = DEFAULT_MERGE_PRECISION
 
     @property
     def slow_enabled(self) -> bool:
@@ -95,6 +110,11 @@ class LoRASCConfig:
             raise LoRASCConfigError(
                 f"lorasc.schedule must be 'expert' (restart per expert) or 'run' (one schedule "
                 f"for the whole run); got {self.schedule!r}")
+        if self.merge_precision not in MERGE_PRECISIONS:
+            raise LoRASCConfigError(
+                f"lorasc.merge_precision must be one of {', '.join(MERGE_PRECISIONS)} "
+                f"(nearest = round-to-nearest, stochastic = stochastic rounding, fp32_master = "
+                f"an fp32 copy of the adapted matrices); got {self.merge_precision!r}")
         _check_float("slow_alpha", self.slow_alpha, lo=0.0, hi=1.0, hi_open=True, rng="[0, 1)")
         _check_float("noise_lambda", self.noise_lambda, lo=0.0, hi=math.inf, rng="[0, inf)")
         _check_float("lr_ratio_B", self.lr_ratio_B, lo=0.0, hi=math.inf, lo_open=True,

@@ -12,7 +12,7 @@ Notation (shapes): ``W`` is ``[d_out, d_in]``, ``B`` is ``[d_out, r]``, ``A`` is
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -125,6 +125,61 @@ def _row_blocks(n_rows: int, n_cols: int):
 # ---- in-place updates of a weight block -----------------------------------------------------
 
 
+# ---- rounding fp32 results into a lower-precision weight -----------------------------------
+
+ROUNDING_MODES = ("nearest", "stochastic")
+
+
+@torch.no_grad()
+def round_to_dtype_(
+    dst: torch.Tensor,
+    src_fp32: torch.Tensor,
+    mode: str = "nearest",
+    key: Optional[Tuple[int, int]] = None,
+    row_start: int = 0,
+) -> None:
+    """``dst ← round(src_fp32)`` into ``dst``'s dtype, in place.
+
+    ``"nearest"`` is IEEE round-to-nearest-even (a plain ``copy_``). ``"stochastic"`` rounds to
+    one of the two neighbouring representable values, the far one with probability
+    ``|x - near| / |far - near|``, so ``E[dst] = src`` exactly: a bf16 weight that receives many
+    small updates keeps them *on average* instead of losing every one below half an ulp. The
+    random bits come from :func:`counter_uniform` keyed by ``key`` and the element's global
+    index, so the result is deterministic, resumable and independent of how rows are sharded.
+
+    For an fp32 (or wider) ``dst`` both modes are exact copies.
+
+    Args:
+        dst: ``[n_rows, n_cols]``, rows ``row_start …`` of the full matrix, any float dtype.
+        src_fp32: ``[n_rows, n_cols]`` float32, the exact values to store.
+        mode: ``"nearest"`` or ``"stochastic"``.
+        key: stream key from :func:`stream_key`; required for ``"stochastic"``.
+    """
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"rounding mode must be one of {ROUNDING_MODES}; got {mode!r}")
+    if mode == "nearest" or torch.finfo(dst.dtype).bits >= 32:
+        dst.copy_(src_fp32)
+        return
+    if key is None:
+        raise ValueError("stochastic rounding needs a stream key")
+    n_rows, n_cols = dst.shape
+    for a, b in _row_blocks(n_rows, n_cols):
+        x = src_fp32[a:b].to(device=dst.device, dtype=torch.float32)
+        near = x.to(dst.dtype)
+        near32 = near.float()
+        # x - near is exact in fp32: near is x with its low mantissa bits rounded away.
+        diff = x - near32
+        far = torch.nextafter(near, torch.where(diff > 0, torch.inf, -torch.inf).to(dst.dtype))
+        # far - near is one (power-of-two) ulp, so p is exact; p = 0 where x is representable.
+        # Non-finite x gives diff = nan and p = nan, and `u < nan` is false: near is kept.
+        p = diff / (far.float() - near32)
+        u = counter_uniform(key, row_start + a, b - a, n_cols, device=dst.device)
+        dst[a:b].copy_(torch.where(u < p, far, near))
+
+
+# ---- in-place updates of a weight block -----------------------------------------------------
+
+
 @torch.no_grad()
 def add_uniform_noise_(
     weight_rows: torch.Tensor,
@@ -132,14 +187,18 @@ def add_uniform_noise_(
     noise_lambda: float,
     key: Tuple[int, int],
     row_start: int = 0,
+    rounding: str = "nearest",
+    round_key: Optional[Tuple[int, int]] = None,
 ) -> None:
-    """``W += U(-λ/2, λ/2)·std`` in place, computed in float32, stored in ``W``'s dtype.
+    """``W += U(-λ/2, λ/2)·std`` in place, computed in float32, rounded into ``W``'s dtype.
 
     Args:
         weight_rows: ``[n_rows, d_in]``, rows ``row_start …`` of the full weight.
         std: the per-matrix scale, ``std(s·B_slow·A_slow)`` (global over the full matrix).
         noise_lambda: λ, the width of the uniform distribution in units of ``std``.
-        key: the stream key from :func:`stream_key`.
+        key: the stream key of the noise, from :func:`stream_key`.
+        rounding: how the fp32 sum is stored back (see :func:`round_to_dtype_`).
+        round_key: the (separate) stream key of stochastic rounding's random bits.
     """
     width = noise_lambda * std
     if width == 0.0:
@@ -148,27 +207,66 @@ def add_uniform_noise_(
     for a, b in _row_blocks(n_rows, n_cols):
         u = counter_uniform(key, row_start + a, b - a, n_cols, device=weight_rows.device)
         block = weight_rows[a:b]
-        block.copy_(block.float() + (u - 0.5) * width)
+        round_to_dtype_(block, block.float() + (u - 0.5) * width, rounding, round_key,
+                        row_start + a)
 
 
 @torch.no_grad()
 def merge_lowrank_(
-    weight_rows: torch.Tensor, B_rows: torch.Tensor, A: torch.Tensor, scale: float
+    weight_rows: torch.Tensor,
+    B_rows: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    rounding: str = "nearest",
+    round_key: Optional[Tuple[int, int]] = None,
+    row_start: int = 0,
 ) -> None:
     """``W += s·B·A`` in place, one block of rows at a time, in float32.
 
     Args:
-        weight_rows: ``[n_rows, d_in]``.
+        weight_rows: ``[n_rows, d_in]``, rows ``row_start …`` of the full weight.
         B_rows: ``[n_rows, r]``, the matching rows of B.
         A: ``[r, d_in]``.
         scale: the LoRA scale ``s``.
+        rounding: how the fp32 sum is stored back (see :func:`round_to_dtype_`).
+        round_key: stream key of stochastic rounding's random bits.
     """
     n_rows, n_cols = weight_rows.shape
     A32 = A.to(device=weight_rows.device, dtype=torch.float32)
     B32 = B_rows.to(device=weight_rows.device, dtype=torch.float32)
     for a, b in _row_blocks(n_rows, n_cols):
         block = weight_rows[a:b]
-        block.copy_(torch.addmm(block.float(), B32[a:b], A32, alpha=scale))
+        round_to_dtype_(block, torch.addmm(block.float(), B32[a:b], A32, alpha=scale),
+                        rounding, round_key, row_start + a)
+
+
+# ---- NF4 (QLoRA) bases ----------------------------------------------------------------------
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torchao ``NF4Tensor`` (a QLoRA base weight)."""
+    return type(t).__name__ == "NF4Tensor"
+
+
+@torch.no_grad()
+def requantize_nf4_(weight: torch.Tensor, master: torch.Tensor) -> None:
+    """``W ← to_nf4(master)`` in place, with ``W``'s block sizes and dtype.
+
+    The master is cast to the dtype ``W`` was quantized from (the model's dtype) before
+    quantizing, so ``dequant(W) == to_nf4(master.to(W.dtype)).get_original_weight()``
+    exactly: the NF4 weight is always one quantization away from the full-precision source of
+    truth, never a quantization of a previous quantization. NF4's scale statistics are
+    per-matrix (a global mean of block scales), so this needs the whole matrix.
+
+    Args:
+        weight: an ``NF4Tensor`` ``[d_out, d_in]`` (the module's parameter, updated in place).
+        master: ``[d_out, d_in]`` full-precision values, any device.
+    """
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    src = master.to(device=weight.device, dtype=weight.dtype).contiguous()
+    # Same block sizes: NF4Tensor.copy_ then copies the packed data and scales as they are.
+    weight.copy_(to_nf4(src, weight.block_size, weight.scaler_block_size))
 
 
 def counter_kaiming_uniform(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict
 
@@ -98,3 +99,15 @@ def load_merged(epoch_dir: Path, output_dir: Path) -> Dict[str, torch.Tensor]:
         checkpoint_dir=str(epoch_dir), checkpoint_files=["model-00001-of-00001.safetensors"],
         model_type="LLAMA2", output_dir=str(output_dir))
     return ckpt.load_checkpoint()["model"]
+
+
+def read_metrics(output_dir: Path):
+    """Parse torchtune's DiskLogger lines, ``Step N | key:value key:value``, in file order."""
+    rows = []
+    for log in sorted((Path(output_dir) / "logs").glob("log_*.txt")):
+        for line in log.read_text().splitlines():
+            m = re.match(r"Step (\d+) \| (.*)", line)
+            if m:
+                vals = dict(kv.rsplit(":", 1) for kv in m.group(2).split())
+                rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
+    return rows

@@ -1,7 +1,6 @@
 """The single-device recipe end to end: export, resume, LoRA+, DoRA, bad inputs, NaN safety."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,12 @@ from shared_paths import REPO_ROOT, require_shared
 from lorasc_tune.checkpoint import training_state_path
 from lorasc_tune.config import LoRASCConfigError
 from lorasc_tune.recipes.lorasc_lora import NonFiniteLossError
-from recipe_utils import TINY_ARGS, load_merged, make_assets, run_recipe, tiny_cfg
+from recipe_utils import TINY_ARGS, load_merged, make_assets, read_metrics, run_recipe, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("assets"))
-
-
-def read_metrics(output_dir: Path):
-    """Parse torchtune's DiskLogger lines: ``Step N | key:value key:value``."""
-    rows = []
-    for log in sorted((output_dir / "logs").glob("log_*.txt")):
-        for line in log.read_text().splitlines():
-            m = re.match(r"Step (\d+) \| (.*)", line)
-            if m:
-                vals = dict(kv.rsplit(":", 1) for kv in m.group(2).split())
-                rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
-    return rows
 
 
 def plain_model_from(state):

@@ -260,7 +260,8 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         """Replace ``merged/`` with this epoch's merged model; save the state if not finished."""
         t0 = time.perf_counter()
         staging = self._output_dir / ".staging_merged"
-        save_classifier(merged_state_dict(self._model), self._model.arch, self._class_ids,
+        merged = merged_state_dict(self._model, self._engine.master_weights())
+        save_classifier(merged, self._model.arch, self._class_ids,
                         self._model.normalize, staging, source=self._source)
         final = self._output_dir / "merged"
         replace_dir(staging, final)

@@ -23,6 +23,10 @@ the profiler, ``max_steps_per_epoch``. What it does differently, on purpose:
   adapted matrix plus the adapter, engine, optimizer and scheduler state, and the position
   in the data. ``resume_from_checkpoint: true`` continues exactly where it stopped, mid-epoch
   or mid-expert included (``save_every_n_steps`` sets how often it is written).
+* Precision: ``lorasc.merge_precision`` sets how merges and noise are stored in a bf16 base
+  (docs/merge_precision.md). QLoRA/QDoRA models (``qlora_*`` builders, ``quantize_base:
+  True``) work too: the engine keeps a full-precision copy of each adapted matrix on CPU,
+  merges into it and requantizes the NF4 weight from it; the export folds from that copy.
 * Safety: a non-finite loss stops the run before the optimizer step, naming the step and
   expert; a non-finite adapter is never merged. The last saved state stays intact.
 """
@@ -130,7 +134,12 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
 
         # 3. Model, with the LoRASC engine over its adapters.
         self._model = self._setup_model(cfg, base_state)
-        self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed)
+        # The checkpoint as loaded seeds the engine's full-precision masters (QLoRA/QDoRA,
+        # merge_precision: fp32_master), so they start from the original weights rather than
+        # from their NF4 quantization or bf16 rounding.
+        self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed,
+                                     master_source=base_state)
+        del base_state
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         if cfg.compile:
@@ -347,7 +356,10 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         real_output_dir = self._checkpointer._output_dir
         self._checkpointer._output_dir = staging
         try:
-            self._checkpointer.save_checkpoint({training.MODEL_KEY: merged_state_dict(self._model)},
+            # Fold from the engine's masters where it keeps them (QLoRA: the full-precision
+            # source of truth, not the NF4 weight); the export is never quantized.
+            merged = merged_state_dict(self._model, self._engine.master_weights())
+            self._checkpointer.save_checkpoint({training.MODEL_KEY: merged},
                                                epoch=epoch, intermediate_checkpoint=False)
         finally:
             self._checkpointer._output_dir = real_output_dir

@@ -77,6 +77,13 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:
             raise ValueError("fp16 is not supported (no gradient scaling); use fp32 or bf16")
+        if _is_quantized_base(cfg.model):
+            # NF4's scales are per-matrix statistics, so requantizing from a master is not a
+            # row-local operation on FSDP2 shards (docs/merge_precision.md).
+            raise ValueError(
+                "QLoRA/QDoRA (quantize_base: True or a qlora_* model) is supported by the "
+                "single-device recipe only (lorasc_tune/recipes/lorasc_lora.py); the "
+                "distributed recipe needs a bf16/fp32 base")
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
@@ -390,6 +397,11 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
     def cleanup(self) -> None:
         if self._is_rank_zero:
             self._metric_logger.close()
+
+
+def _is_quantized_base(cfg_model: DictConfig) -> bool:
+    component = str(cfg_model.get("_component_", ""))
+    return bool(cfg_model.get("quantize_base", False)) or "qlora" in component.rsplit(".", 1)[-1]
 
 
 @config.parse

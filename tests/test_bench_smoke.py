@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end in their smoke modes (tiny models, seconds)."""
+
+import json
+import subprocess
+import sys
+
+from shared_paths import REPO_ROOT, require_shared
+
+
+def run(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    require_shared("alpaca", "alpaca_tiny_100.json")
+    out = tmp_path / "overhead.json"
+    run("bench/overhead.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert len(result["runs"]["stock"]) == len(result["runs"]["lorasc"]) == 1
+    # Both recipes trained the same number of logged steps on the same config.
+    assert len(result["runs"]["stock"][0]["tokens_per_s"]) == len(result["runs"]["lorasc"][0]["tokens_per_s"]) == 4
+    for key in ("wall_ratio", "tokens_per_s_ratio", "peak_rss_ratio"):
+        assert result[key] > 0
+
+
+def test_boundary_cost_smoke(tmp_path):
+    out = tmp_path / "scaling.json"
+    run("bench/boundary_cost.py", "scaling", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(p["d"], p["matrices"]) for p in result["points"]] == [(64, 1), (64, 2)]
+    assert all(p["boundary_s"] > 0 and p["step_s"] > 0 for p in result["points"])
