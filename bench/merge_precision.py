@@ -61,9 +61,11 @@ def record_experts(n_experts: int, workdir: Path) -> Tuple[Experts, Dict[str, to
 
     assets = make_assets(workdir / "assets")
     steps_per_expert, steps_per_epoch = 2, 24  # 96 rows / batch 4
-    epochs = -(-n_experts * steps_per_expert // steps_per_epoch)
+    steps = n_experts * steps_per_expert
+    epochs = -(-steps // steps_per_epoch)
     cfg = tiny_cfg(assets, workdir / "run", **{
-        "epochs": epochs, "max_steps_per_epoch": None, "lorasc.steps_per_expert": steps_per_expert,
+        "epochs": epochs, "max_steps_per_epoch": steps if epochs == 1 else None,
+        "lorasc.steps_per_expert": steps_per_expert,
         "optimizer.lr": 3e-4, "save_final_model_only": True})
     experts: Experts = []
     inner = CascadeEngine.end_expert

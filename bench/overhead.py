@@ -1,6 +1,6 @@
 """Training overhead of LoRASC against torchtune's stock single-device LoRA recipe.
 
-    python bench/overhead.py --pairs 3 --out bench/results/overhead.json   # the full run
+    python bench/overhead.py --pairs 3 --max-steps-per-epoch 10 --out bench/results/overhead.json
     python bench/overhead.py --smoke                                      # seconds, for CI
 
 Both recipes are launched with ``tune run`` on the *same* YAML (the stock recipe ignores the
@@ -106,10 +106,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None,
+                        help="cap each epoch (the Alpaca sample gives 25 steps of batch 4)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs x 2 steps, 1 pair")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    model, epochs, max_steps, pairs = MODEL_45M, args.epochs, None, args.pairs
+    model, epochs, max_steps, pairs = MODEL_45M, args.epochs, args.max_steps_per_epoch, args.pairs
     if args.smoke:
         model, epochs, max_steps, pairs = MODEL_SMOKE, 2, 2, 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -60,3 +61,20 @@ def replace_dir(staged: str | Path, final: str | Path) -> None:
     os.replace(staged, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def removed_on_error(folder: str | Path):
+    """Delete ``folder`` if the block fails and the folder did not exist before it.
+
+    Setting up a run creates the output folder (torchtune's checkpointers and metric loggers
+    make it); a run that fails during set-up should leave no trace, as a bad config would.
+    """
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -17,9 +17,10 @@ from typing import Optional, Tuple
 import torch
 
 _MASK32 = 0xFFFFFFFF
-# Rows are processed in blocks of about this many elements, so temporaries stay small
-# (a few tens of MB) however large the matrix is.
-_CHUNK_ELEMS = 1 << 22
+# Rows are processed in blocks of about this many elements: temporaries stay at a few MB
+# however large the matrix, and blocks that fit in cache make the integer hashing of
+# counter_uniform ~10x faster on CPU than 4M-element blocks (measured on 4096 x 4096).
+_CHUNK_ELEMS = 1 << 18
 
 
 # ---- std(s·B·A) without forming B·A ---------------------------------------------------------

@@ -9,7 +9,7 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 from lorasc_tune.adapters import init_dora_magnitudes
 from lorasc_tune.cascade import CascadeEngine
 from lorasc_tune.config import DEFAULT_MERGE_PRECISION, LoRASCConfig, LoRASCConfigError
-from lorasc_tune.ops import counter_uniform, round_to_dtype_, stream_key
+from lorasc_tune.ops import round_to_dtype_, stream_key
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -291,3 +291,22 @@ def test_distributed_recipe_refuses_a_quantized_base(qlora_assets, tmp_path):
 
     with pytest.raises(ValueError, match=r"QLoRA/QDoRA .* single-device recipe only"):
         LoRASCRecipeDistributed(qlora_cfg(qlora_assets, tmp_path / "run"))
+
+
+def test_merge_precision_bench_smoke(capsys):
+    """bench/merge_precision.py --smoke runs, and its numbers show the documented ordering."""
+    import importlib.util
+
+    from shared_paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("mp_bench", REPO_ROOT / "bench" / "merge_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--smoke"])
+    rows = {(r["regime"], r["policy"]): r for r in result["bf16"]}
+    small = {p: rows[("7B-scaled", p)] for p in ("nearest", "stochastic", "fp32_master")}
+    assert small["nearest"]["survival"] < 0.5 < small["stochastic"]["survival"]
+    assert small["fp32_master"]["err/|D_ref|"] <= min(small["nearest"]["err/|D_ref|"],
+                                                       small["stochastic"]["err/|D_ref|"])
+    assert result["nf4"][0]["naive survival"] < 0.2 < result["nf4"][0]["master survival"]
+    assert "### bf16 base" in capsys.readouterr().out

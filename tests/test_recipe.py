@@ -181,6 +181,8 @@ BAD_INPUTS = [
      r"model-missing\.safetensors does not exist"),
     ({"tokenizer.path": "/nonexistent/tokenizer.model"}, FileNotFoundError, r"tokenizer\.path"),
     ({"resume_from_checkpoint": True}, FileNotFoundError, r"no LoRASC training state"),
+    # Caught only once the checkpoint is read, after the output folder exists: it is removed.
+    ({"model.intermediate_dim": 96}, RuntimeError, r"size mismatch for layers\.0\.mlp"),
 ]
 
 

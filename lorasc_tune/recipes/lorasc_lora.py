@@ -65,7 +65,7 @@ from lorasc_tune.config import (
     check_tokenizer_file,
     validate_recipe_config,
 )
-from lorasc_tune.io import replace_dir
+from lorasc_tune.io import removed_on_error, replace_dir
 from lorasc_tune.plan import ExpertPlan, build_expert_optimizer, steps_per_epoch
 from lorasc_tune.sampling import ResumableSampler
 
@@ -126,56 +126,58 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
             check_dataset_rows(dataset)
         resume_state = load_training_state(self._output_dir) if self._resume else None
 
-        # 2. Components that write: metric logger, checkpointer.
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
-        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        # A failure from here on removes the output folder if this run created it.
+        with removed_on_error(self._output_dir):
+            # 2. Components that write: metric logger, checkpointer.
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+            self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
 
-        # 3. Model, with the LoRASC engine over its adapters.
-        self._model = self._setup_model(cfg, base_state)
-        # The checkpoint as loaded seeds the engine's full-precision masters (QLoRA/QDoRA,
-        # merge_precision: fp32_master), so they start from the original weights rather than
-        # from their NF4 quantization or bf16 rounding.
-        self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed,
-                                     master_source=base_state)
-        del base_state
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        if cfg.compile:
-            self._loss_fn = training.compile_loss(self._loss_fn)
+            # 3. Model, with the LoRASC engine over its adapters.
+            self._model = self._setup_model(cfg, base_state)
+            # The checkpoint as loaded seeds the engine's full-precision masters (QLoRA/QDoRA,
+            # merge_precision: fp32_master), so they start from the original weights rather than
+            # from their NF4 quantization or bf16 rounding.
+            self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed,
+                                         master_source=base_state)
+            del base_state
+            if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+                self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+            if cfg.compile:
+                self._loss_fn = training.compile_loss(self._loss_fn)
 
-        # 4. Data and the expert plan over global optimizer steps.
-        self._batch_size = cfg.batch_size
-        self._sampler = ResumableSampler(dataset, shuffle=cfg.shuffle)
-        collate = _get_component_from_path(cfg.get("collate_fn",
-                                                   "torchtune.data.padded_collate_sft"))
-        packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
-        self._dataloader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=self._sampler, drop_last=True,
-            # Its own generator: creating an iterator then draws nothing from the global RNG,
-            # so dropout masks after a mid-epoch resume match the uninterrupted run.
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=padded_collate_packed if packed else partial(
-                collate, padding_idx=self._tokenizer.pad_id,
-                ignore_idx=self._loss_fn.ignore_index),
-        )
-        self._steps_per_epoch = steps_per_epoch(len(self._dataloader), self._grad_accum,
-                                                self.max_steps_per_epoch)
-        self._plan = ExpertPlan.build(self._lorasc, self._steps_per_epoch, self.total_epochs)
-        self._cfg_optimizer, self._cfg_lr_scheduler = cfg.optimizer, cfg.get("lr_scheduler")
-        log.info(f"LoRASC: {self._plan.num_experts} expert(s) over {self._plan.total_steps} "
-                 f"steps ({self._steps_per_epoch}/epoch); {self._lorasc}")
+            # 4. Data and the expert plan over global optimizer steps.
+            self._batch_size = cfg.batch_size
+            self._sampler = ResumableSampler(dataset, shuffle=cfg.shuffle)
+            collate = _get_component_from_path(cfg.get("collate_fn",
+                                                       "torchtune.data.padded_collate_sft"))
+            packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
+            self._dataloader = DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=self._sampler, drop_last=True,
+                # Its own generator: creating an iterator then draws nothing from the global RNG,
+                # so dropout masks after a mid-epoch resume match the uninterrupted run.
+                generator=torch.Generator().manual_seed(self.seed),
+                collate_fn=padded_collate_packed if packed else partial(
+                    collate, padding_idx=self._tokenizer.pad_id,
+                    ignore_idx=self._loss_fn.ignore_index),
+            )
+            self._steps_per_epoch = steps_per_epoch(len(self._dataloader), self._grad_accum,
+                                                    self.max_steps_per_epoch)
+            self._plan = ExpertPlan.build(self._lorasc, self._steps_per_epoch, self.total_epochs)
+            self._cfg_optimizer, self._cfg_lr_scheduler = cfg.optimizer, cfg.get("lr_scheduler")
+            log.info(f"LoRASC: {self._plan.num_experts} expert(s) over {self._plan.total_steps} "
+                     f"steps ({self._steps_per_epoch}/epoch); {self._lorasc}")
 
-        # 5. The first expert (or the saved state of the interrupted one).
-        if resume_state is None:
-            self._start_expert()
-        else:
-            self._resume_from(resume_state)
+            # 5. The first expert (or the saved state of the interrupted one).
+            if resume_state is None:
+                self._start_expert()
+            else:
+                self._resume_from(resume_state)
 
-        self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
-        self._ignore_labels_cache = torch.full((cfg.batch_size, 1), self._loss_fn.ignore_index,
-                                               device=self._device)
+            self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
+            self._ignore_labels_cache = torch.full((cfg.batch_size, 1), self._loss_fn.ignore_index,
+                                                   device=self._device)
 
     def _build_dataset(self, cfg_dataset: DictConfig):
         if isinstance(cfg_dataset, ListConfig):

@@ -56,7 +56,7 @@ from lorasc_tune.config import (
     check_tokenizer_file,
     validate_recipe_config,
 )
-from lorasc_tune.io import replace_dir
+from lorasc_tune.io import removed_on_error, replace_dir
 from lorasc_tune.plan import ExpertPlan, build_expert_optimizer, steps_per_epoch
 from lorasc_tune.sampling import ResumableSampler
 
@@ -132,53 +132,55 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 f"resume_from_checkpoint is true but there is no sharded LoRASC training state "
                 f"under {self._output_dir / 'lorasc_state'}")
 
-        # 2. Components that write (rank 0 logs; every rank reads the checkpoint, mmap'ed).
-        if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
-        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        # A failure from here on removes the output folder if this run created it.
+        with removed_on_error(self._output_dir):
+            # 2. Components that write (rank 0 logs; every rank reads the checkpoint, mmap'ed).
+            if self._is_rank_zero:
+                self._metric_logger = config.instantiate(cfg.metric_logger)
+                self._metric_logger.log_config(cfg)
+            self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
 
-        # 3. Model: built on meta, sharded per layer, then filled; the engine over its adapters.
-        self._model = self._setup_model(cfg, base_state)
-        del base_state
-        self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed)
-        self._scales = {layer.name: layer.scale for layer in self._engine.layers}
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        if cfg.compile:
-            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
+            # 3. Model: built on meta, sharded per layer, then filled; the engine over its adapters.
+            self._model = self._setup_model(cfg, base_state)
+            del base_state
+            self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed)
+            self._scales = {layer.name: layer.scale for layer in self._engine.layers}
+            if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+                self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+            if cfg.compile:
+                self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
 
-        # 4. Data: each rank takes every world_size-th sample of the shared order.
-        self._batch_size = cfg.batch_size
-        self._sampler = ResumableSampler(dataset, shuffle=cfg.shuffle,
-                                         num_replicas=self.world_size, rank=self.rank)
-        collate = _get_component_from_path(cfg.get("collate_fn",
-                                                   "torchtune.data.padded_collate_sft"))
-        packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
-        self._dataloader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=self._sampler, drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=padded_collate_packed if packed else partial(
-                collate, padding_idx=self._tokenizer.pad_id,
-                ignore_idx=self._loss_fn.ignore_index),
-        )
-        self._steps_per_epoch = steps_per_epoch(len(self._dataloader), self._grad_accum,
-                                                self.max_steps_per_epoch)
-        self._plan = ExpertPlan.build(self._lorasc, self._steps_per_epoch, self.total_epochs)
-        self._cfg_optimizer, self._cfg_lr_scheduler = cfg.optimizer, cfg.get("lr_scheduler")
-        utils.log_rank_zero(
-            log, f"LoRASC: {self._plan.num_experts} expert(s) over {self._plan.total_steps} steps "
-                 f"({self._steps_per_epoch}/epoch) on {self.world_size} processes; {self._lorasc}")
+            # 4. Data: each rank takes every world_size-th sample of the shared order.
+            self._batch_size = cfg.batch_size
+            self._sampler = ResumableSampler(dataset, shuffle=cfg.shuffle,
+                                             num_replicas=self.world_size, rank=self.rank)
+            collate = _get_component_from_path(cfg.get("collate_fn",
+                                                       "torchtune.data.padded_collate_sft"))
+            packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
+            self._dataloader = DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=self._sampler, drop_last=True,
+                generator=torch.Generator().manual_seed(self.seed),
+                collate_fn=padded_collate_packed if packed else partial(
+                    collate, padding_idx=self._tokenizer.pad_id,
+                    ignore_idx=self._loss_fn.ignore_index),
+            )
+            self._steps_per_epoch = steps_per_epoch(len(self._dataloader), self._grad_accum,
+                                                    self.max_steps_per_epoch)
+            self._plan = ExpertPlan.build(self._lorasc, self._steps_per_epoch, self.total_epochs)
+            self._cfg_optimizer, self._cfg_lr_scheduler = cfg.optimizer, cfg.get("lr_scheduler")
+            utils.log_rank_zero(
+                log, f"LoRASC: {self._plan.num_experts} expert(s) over {self._plan.total_steps} steps "
+                     f"({self._steps_per_epoch}/epoch) on {self.world_size} processes; {self._lorasc}")
 
-        # 5. The first expert, or the saved state of the interrupted one.
-        if state_dir is None:
-            self._start_expert()
-        else:
-            self._resume_from(state_dir)
-        self._ignore_labels_cache = torch.full((cfg.batch_size, 1), self._loss_fn.ignore_index,
-                                               device=self._device)
-        dist.barrier()
+            # 5. The first expert, or the saved state of the interrupted one.
+            if state_dir is None:
+                self._start_expert()
+            else:
+                self._resume_from(state_dir)
+            self._ignore_labels_cache = torch.full((cfg.batch_size, 1), self._loss_fn.ignore_index,
+                                                   device=self._device)
+            dist.barrier()
 
     def _build_dataset(self, cfg_dataset: DictConfig):
         if isinstance(cfg_dataset, ListConfig):
