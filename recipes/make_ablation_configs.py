@@ -37,7 +37,7 @@ def ablation_configs(base_path: Path):
     for row, lorasc in ROWS.items():
         for variant, (ratio, dora) in VARIANTS.items():
             cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
-            cfg.lorasc = dict(lorasc, lr_ratio_B=ratio)
+            cfg.lorasc = {**base.lorasc, **lorasc, "lr_ratio_B": ratio}
             cfg.model.use_dora = dora
             cfg.output_dir = f"{base.output_dir}_{row}_{variant}"
             yield f"{base_path.stem}_{row}_{variant}.yaml", cfg
