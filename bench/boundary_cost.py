@@ -128,7 +128,7 @@ def _fsdp_worker(repeats: int) -> None:
     import torch.distributed as dist
     from torchtune import training
     from torchtune.models.llama2 import lora_llama2
-    from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, set_trainable_params
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
     from lorasc_tune.cascade import CascadeEngine
     from lorasc_tune.config import LoRASCConfig

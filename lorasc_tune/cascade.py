@@ -39,7 +39,7 @@ row-local, and the two global quantities (full A, and std's two moments) are tin
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn

@@ -1,10 +1,13 @@
-"""A sampler that can start an epoch part-way through, for exact mid-epoch resume."""
+"""The recipes' data order: a sampler that can start an epoch part-way through (exact
+mid-epoch resume), and the loader built around it."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from functools import partial
+from typing import Any, Iterator, Tuple
 
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -30,3 +33,26 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self._inner) - self._skip)
+
+
+def build_dataloader(dataset: Dataset, cfg: Any, pad_id: int, ignore_idx: int, seed: int,
+                     num_replicas: int = 1, rank: int = 0) -> Tuple[ResumableSampler, DataLoader]:
+    """The recipes' sampler and loader: ``batch_size``, ``shuffle``, ``collate_fn`` from ``cfg``.
+
+    Each rank takes every ``num_replicas``-th sample of one shared order, so a global batch is
+    the same set of samples at any world size. The loader has its own generator: creating an
+    iterator then draws nothing from the global RNG, so dropout masks after a mid-epoch resume
+    match the uninterrupted run.
+    """
+    from torchtune.config._utils import _get_component_from_path
+    from torchtune.data import padded_collate_packed
+
+    sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, num_replicas=num_replicas, rank=rank)
+    packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
+    collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=padded_collate_packed if packed else partial(
+            collate, padding_idx=pad_id, ignore_idx=ignore_idx))
+    return sampler, loader

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared_paths import REPO_ROOT, require_shared  # noqa: F401  (re-exported for fixtures)
+from shared_paths import require_shared
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 """Every shipped config parses, and its lorasc block validates; ablations match the generator."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

@@ -28,15 +28,13 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 from torchtune import config, modules, training, utils
-from torchtune.config._utils import _get_component_from_path
-from torchtune.data import padded_collate_packed
 from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, set_trainable_params
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
@@ -58,7 +56,7 @@ from lorasc_tune.config import (
 )
 from lorasc_tune.io import removed_on_error, replace_dir
 from lorasc_tune.plan import ExpertPlan, build_expert_optimizer, steps_per_epoch
-from lorasc_tune.sampling import ResumableSampler
+from lorasc_tune.sampling import build_dataloader
 
 log = utils.get_logger("INFO")
 
@@ -153,18 +151,10 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
 
             # 4. Data: each rank takes every world_size-th sample of the shared order.
             self._batch_size = cfg.batch_size
-            self._sampler = ResumableSampler(dataset, shuffle=cfg.shuffle,
-                                             num_replicas=self.world_size, rank=self.rank)
-            collate = _get_component_from_path(cfg.get("collate_fn",
-                                                       "torchtune.data.padded_collate_sft"))
-            packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
-            self._dataloader = DataLoader(
-                dataset, batch_size=cfg.batch_size, sampler=self._sampler, drop_last=True,
-                generator=torch.Generator().manual_seed(self.seed),
-                collate_fn=padded_collate_packed if packed else partial(
-                    collate, padding_idx=self._tokenizer.pad_id,
-                    ignore_idx=self._loss_fn.ignore_index),
-            )
+            self._sampler, self._dataloader = build_dataloader(
+                dataset, cfg, pad_id=self._tokenizer.pad_id,
+                ignore_idx=self._loss_fn.ignore_index, seed=self.seed,
+                num_replicas=self.world_size, rank=self.rank)
             self._steps_per_epoch = steps_per_epoch(len(self._dataloader), self._grad_accum,
                                                     self.max_steps_per_epoch)
             self._plan = ExpertPlan.build(self._lorasc, self._steps_per_epoch, self.total_epochs)
