@@ -163,8 +163,10 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
             init_dora_magnitudes(self._model)
         self._build_optimizer()
         widths = list(noise.values())
+        # The same boundary record as the LLM recipes, so lorasc_tune.diagnostics reads both.
         self._metric_logger.log_dict({"expert": self._engine.expert,
-                                      "noise_std_mean": sum(widths) / len(widths)},
+                                      "noise_std_mean": sum(widths) / len(widths),
+                                      **{f"noise_std/{name}": w for name, w in noise.items()}},
                                      step=self.global_step)
 
     def _build_optimizer(self) -> None:
