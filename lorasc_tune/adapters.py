@@ -19,7 +19,7 @@ from torchtune.modules.peft import DoRALinear, LoRALinear
 class AdaptedLayer:
     """One adapted linear layer: ``y = (W + s·B·A) x (+ bias)``, DoRA-normalised if ``dora``."""
 
-    name: str
+    name: str  # the layer's state-dict prefix, e.g. "layers.0.attn.q_proj"
     module: nn.Module
 
     @property
@@ -53,10 +53,36 @@ class AdaptedLayer:
         return (self.lora_b.shape[0], self.lora_a.shape[1])
 
 
+# Wrappers that add a segment to module and parameter names but not to state-dict keys:
+# activation checkpointing (torch's CheckpointWrapper, which torchtune's
+# set_activation_checkpointing applies per layer) and a whole-module torch.compile.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def state_dict_name(name: str) -> str:
+    """``name`` from ``named_modules()``/``named_parameters()`` as its state-dict key.
+
+    ``layers.0._checkpoint_wrapped_module.attn.q_proj`` -> ``layers.0.attn.q_proj``. Every key
+    this project builds (checkpoint exports, training states, fp32 masters) uses this form, so
+    it does not depend on whether activation checkpointing is on.
+    """
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def parameters_by_state_dict_name(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``{state-dict key: parameter}`` for every parameter of ``model``."""
+    return {state_dict_name(n): p for n, p in model.named_parameters()}
+
+
 def find_adapters(model: nn.Module) -> List[AdaptedLayer]:
-    """All torchtune ``LoRALinear``/``DoRALinear`` layers (subclasses included), in module order."""
+    """All torchtune ``LoRALinear``/``DoRALinear`` layers (subclasses included), in module order.
+
+    Each layer is named by its state-dict key (see :func:`state_dict_name`).
+    """
     return [
-        AdaptedLayer(name, m)
+        AdaptedLayer(state_dict_name(name), m)
         for name, m in model.named_modules()
         if isinstance(m, (LoRALinear, DoRALinear))
     ]

@@ -62,10 +62,12 @@ from lorasc_tune.sharding import as_dtensor_like, is_dtensor
 from lorasc_tune.sharding import local_rows as _local_rows
 
 _STREAM_A, _STREAM_NOISE, _STREAM_ROUND_NOISE, _STREAM_ROUND_MERGE = 1, 2, 3, 4
-# Config keys that must not change on resume (merge_precision: a default for older states,
-# which were all written with round-to-nearest).
+# Config keys that must not change on resume, with the value to assume for states written
+# before the key existed (merge_precision: those were all written with round-to-nearest).
+# schedule and lr_ratio_B shape the optimizer and scheduler state that a resume reloads.
 _RESUME_KEYS = {"cascade": None, "steps_per_expert": None, "slow_alpha": None,
-                "noise_lambda": None, "merge_precision": "nearest"}
+                "noise_lambda": None, "merge_precision": "nearest", "schedule": "expert",
+                "lr_ratio_B": 1.0}
 STATE_VERSION = 1
 
 
@@ -169,8 +171,10 @@ class CascadeEngine:
         """Start expert ``t = self.expert + 1``.
 
         Returns:
-            ``{layer name: noise std}`` — the per-matrix ``λ·std(s·B_slow·A_slow)`` used to
-            perturb ``W`` (all zero for ``t = 1`` or ``λ = 0``).
+            ``{layer name: λ·std(s·B_slow·A_slow)}``, the per-matrix noise scale: ``W`` got
+            ``U(-1/2, 1/2)`` times it, i.e. ``U(-λ/2, λ/2)·std`` (the noise's own standard
+            deviation is this over √12). All zero for ``t = 1`` or ``λ = 0``. The recipes log
+            it as ``noise_std/<layer>``.
         """
         if self.expert_open:
             raise RuntimeError(f"begin_expert: expert {self.expert} is still open")

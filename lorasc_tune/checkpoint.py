@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from lorasc_tune.adapters import parameters_by_state_dict_name
 from lorasc_tune.cascade import CascadeEngine
 from lorasc_tune.io import atomic_torch_save
 
@@ -56,7 +57,7 @@ def capture_training_state(
         "base": {f"{l.name}.weight": l.weight.detach().cpu().clone() for l in engine.layers
                  if f"{l.name}.weight" not in masters},
         "trainable": {n: p.detach().cpu().clone()
-                      for n, p in model.named_parameters() if p.requires_grad},
+                      for n, p in parameters_by_state_dict_name(model).items() if p.requires_grad},
         "engine": engine.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -94,7 +95,7 @@ def load_training_state(output_dir: str | Path) -> Dict[str, Any]:
 @torch.no_grad()
 def restore_model_state(model: nn.Module, engine: CascadeEngine, state: Dict[str, Any]) -> None:
     """Put the saved base of adapted layers, the trainable parameters and the engine back."""
-    params = dict(model.named_parameters())
+    params = parameters_by_state_dict_name(model)
     for name, value in {**state["base"], **state["trainable"]}.items():
         if name not in params:
             raise KeyError(f"training state has {name!r}, which the model does not have; "
@@ -121,7 +122,7 @@ SHARDED_PREFIX = "step_"
 
 
 def _sharded_tensors(model: nn.Module, engine: CascadeEngine, slow: Dict[str, Any]):
-    params = dict(model.named_parameters())
+    params = parameters_by_state_dict_name(model)
     return {
         "base": {f"{l.name}.weight": params[f"{l.name}.weight"] for l in engine.layers},
         "trainable": {n: p for n, p in params.items() if p.requires_grad},

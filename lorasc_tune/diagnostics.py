@@ -11,7 +11,8 @@ Writes into ``OUTPUT_DIR/diagnostics/`` (or ``--out``):
 * ``spectrum.png``: singular values of ``W_T - W_0`` for chosen adapted matrices, with
   markers at ``r`` and ``T·r``: one LoRA expert can add at most rank ``r``, the cascade of
   ``T`` experts up to ``T·r`` (plus the full-rank cascading noise when ``λ > 0``);
-* ``noise.png``: the noise std (``λ·std(s·B_slow·A_slow)``) each expert started with, per layer;
+* ``noise.png``: the noise scale ``λ·std(s·B_slow·A_slow)`` each expert started with, per layer
+  (the width of the uniform noise on ``W``; the logs call it ``noise_std``);
 * ``diagnostics.json``: every number that went into the plots.
 
 Nothing here adds a logging path. The numbers come from what the recipes already write: the
@@ -567,7 +568,7 @@ def plot_noise(data: Dict[str, Any]) -> bytes:
         ax.legend(fontsize=8)
     ax.set_xticks(experts)
     ax.set_xlabel("expert")
-    ax.set_ylabel("noise std  λ·std(s·B_slow·A_slow)")
+    ax.set_ylabel("noise scale  λ·std(s·B_slow·A_slow)")
     ax.set_title("Noise added before each expert", fontsize=10)
     ax.grid(alpha=0.3)
     if per_layer:
@@ -582,7 +583,7 @@ def plot_noise(data: Dict[str, Any]) -> bytes:
         hm.set_xticks(experts)
         hm.set_xlabel("expert")
         hm.set_title("per layer", fontsize=10)
-        fig.colorbar(im, ax=hm, label="noise std")
+        fig.colorbar(im, ax=hm, label="noise scale")
     return _png(fig)
 
 

@@ -55,6 +55,27 @@ class ExpertPlan:
         a, b = self.bounds(k)
         return b - a
 
+    def check_resume_position(self, global_step: int, expert: int, expert_open: bool) -> None:
+        """Raise ``ValueError`` if a saved position does not fit this plan.
+
+        A state saved after ``global_step`` optimizer steps holds either the open expert that
+        trains the next step (1-based ``expert == expert_at(global_step) + 1``) or, when it
+        was written at a boundary, the last finished one (the next begins at ``global_step``).
+        Anything else means the steps per epoch or per expert changed since the save.
+        """
+        if global_step >= self.total_steps:
+            raise ValueError(f"the saved state is at step {global_step} of a {self.total_steps}-step "
+                             f"run: it had already finished")
+        k = self.expert_at(global_step)
+        fits = (expert == k + 1) if expert_open else (expert == k and self.starts[k] == global_step)
+        if not fits:
+            state = "open" if expert_open else "finished"
+            raise ValueError(
+                f"the saved state (step {global_step}, expert {expert} {state}) does not fit this "
+                f"run's plan, where step {global_step} belongs to expert {k + 1}; were batch_size, "
+                f"gradient_accumulation_steps, max_steps_per_epoch or lorasc.steps_per_expert "
+                f"changed since it was saved?")
+
     def ends_expert(self, steps_done: int) -> bool:
         """True when ``steps_done`` optimizer steps complete an expert."""
         return steps_done == self.total_steps or steps_done in self.starts[1:]
@@ -78,10 +99,15 @@ class ExpertPlan:
 
 
 def expert_warmup_steps(run_warmup_steps: int, expert_steps: int, total_steps: int) -> int:
-    """The run's warmup scaled to one expert, so each expert sees the whole schedule's shape."""
+    """The run's warmup scaled to one expert, so each expert sees the whole schedule's shape.
+
+    No floor of one step: the linear warmup's first step has lr 0, so a floor would waste the
+    first step of every expert (all of them with one step per expert, as in the paper's 1250
+    experts over 5 epochs). The cap leaves every expert at least one step past warmup.
+    """
     if run_warmup_steps <= 0:
         return 0
-    return min(expert_steps, max(1, round(run_warmup_steps * expert_steps / total_steps)))
+    return max(0, min(expert_steps - 1, round(run_warmup_steps * expert_steps / total_steps)))
 
 
 def optimizer_param_groups(model: nn.Module, lr: float, lr_ratio_B: float) -> List[Dict]:

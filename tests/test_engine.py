@@ -208,8 +208,10 @@ def test_engine_state_round_trip_and_mismatch_errors():
     assert set(state["slow"]) == {f"{n}.slow_{m}" for n in ("q", "v", "deep.0") for m in "AB"}
     for a, b in zip(other.slow_A, engine.slow_A):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="lorasc.slow_alpha"):
-        CascadeEngine(Toy(), LoRASCConfig(slow_alpha=0.2), seed=5).load_state_dict(state)
+    for changed in ({"slow_alpha": 0.2}, {"schedule": "run"}, {"lr_ratio_B": 16.0}):
+        (key,) = changed
+        with pytest.raises(ValueError, match=f"lorasc.{key}"):
+            CascadeEngine(Toy(), LoRASCConfig(**changed), seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         CascadeEngine(Toy(), LoRASCConfig(), seed=6).load_state_dict(state)
 

@@ -253,3 +253,72 @@ def test_save_final_model_only_still_saves_the_state(assets, tmp_path):
     assert not (out / "epoch_0").exists() and not (out / "epoch_1").exists()
     assert (out / "epoch_2" / "config.json").is_file()
     assert training_state_path(out).is_file()
+
+
+def test_epoch_export_is_the_merged_model_without_the_next_experts_noise(assets, tmp_path):
+    # Without warmup the first expert's schedule is the same in a 1-epoch and a 3-epoch run, so
+    # the 3-epoch run's epoch_0 must equal the 1-epoch run's final model: the merged first
+    # expert, with none of the noise the second expert starts with.
+    overrides = {"lr_scheduler.num_warmup_steps": 0, "lorasc.noise_lambda": 2.0}
+    three, one = tmp_path / "three", tmp_path / "one"
+    run_recipe(tiny_cfg(assets, three, **overrides))
+    run_recipe(tiny_cfg(assets, one, epochs=1, **overrides))
+    expected = load_merged(one / "epoch_0", tmp_path / "r1")
+    got = load_merged(three / "epoch_0", tmp_path / "r2")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-7, rtol=0, msg=k)
+    # The noise is real: it moved the weights the second expert trained from.
+    later = load_merged(three / "epoch_1", tmp_path / "r3")
+    assert not torch.allclose(later["layers.0.attn.q_proj.weight"],
+                              expected["layers.0.attn.q_proj.weight"])
+
+
+def test_activation_checkpointing_exports_and_resumes_like_a_plain_run(assets, tmp_path):
+    # torch's checkpoint wrapper renames modules (layers.0._checkpoint_wrapped_module.attn...)
+    # but not state-dict keys; exports, masters and saved states must use the latter.
+    overrides = {"epochs": 2, "save_every_n_steps": 1, "lorasc.merge_precision": "fp32_master"}
+    ref = tmp_path / "plain"
+    run_recipe(tiny_cfg(assets, ref, **overrides))
+    out = tmp_path / "ac"
+    ac = dict(overrides, enable_activation_checkpointing=True)
+    run_recipe(tiny_cfg(assets, out, **ac), crash_at_step=7)
+    resumed = run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, **ac))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in resumed._model.named_modules())
+    expected = load_merged(ref / "epoch_1", tmp_path / "r1")
+    got = load_merged(out / "epoch_1", tmp_path / "r2")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_with_a_changed_batch_size_is_refused(assets, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(tiny_cfg(assets, out, save_every_n_steps=1), crash_at_step=3)
+    with pytest.raises(ValueError, match=r"global_batch_size.*resume with the original batch_size"):
+        run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, batch_size=2))
+
+
+def test_one_step_experts_train_at_the_full_rate(assets, tmp_path):
+    # The run's 2 warmup steps of 12 compress to none in a 1-step expert; a one-step floor
+    # would run every expert's only step at lr 0 and merge untrained experts.
+    out = tmp_path / "run"
+    run_recipe(tiny_cfg(assets, out, **{"lorasc.steps_per_expert": 1}))
+    rows = [m for _, m in read_metrics(out) if "loss" in m]
+    assert [m["expert"] for m in rows] == [float(e) for e in range(1, 13)]
+    assert [m["lr"] for m in rows] == pytest.approx([3e-3] * 12, rel=1e-12)
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_step(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(assets, out, save_every_n_steps=1)
+    from lorasc_tune.recipes.lorasc_lora import LoRASCRecipeSingleDevice
+
+    recipe = LoRASCRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    lora_a = recipe._model.layers[0].attn.q_proj.lora_a.weight
+    lora_a.register_hook(lambda g: g * float("nan") if recipe.global_step == 2 else g)
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan at global step 3"):
+        recipe.train()
+    state = torch.load(training_state_path(out), weights_only=False)
+    assert state["global_step"] == 2
+    for name, p in recipe._model.named_parameters():
+        assert torch.isfinite(p).all(), name

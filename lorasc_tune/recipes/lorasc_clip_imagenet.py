@@ -180,14 +180,17 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         self.epochs_run = state["epochs_run"]
         self.global_step = state["global_step"]
         self._steps_done_in_epoch = state["steps_done_in_epoch"]
-        if not self._engine.expert_open:
-            raise ValueError("the saved state has no open expert; the run had already finished")
-        self._build_optimizer()
-        self._optimizer.load_state_dict(state["optimizer"])
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._plan.check_resume_position(self.global_step, self._engine.expert,
+                                         self._engine.expert_open)
+        if self._engine.expert_open:
+            self._build_optimizer()
+            self._optimizer.load_state_dict(state["optimizer"])
+            if self._lr_scheduler is not None:
+                self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # Otherwise the state was saved at a boundary: the training loop begins the next expert.
+        where = "" if self._engine.expert_open else " finished, the next begins now"
         log.info(f"Resumed at epoch {self.epochs_run}, step {self.global_step}, "
-                 f"expert {self._engine.expert}")
+                 f"expert {self._engine.expert}{where}")
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -205,6 +208,10 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
             for idx, (images, labels) in enumerate(self._loader):
                 if skip + idx // self._grad_accum >= self._steps_per_epoch:
                     break
+                if idx % self._grad_accum == 0 and not self._engine.expert_open:
+                    # The next expert begins here, not when the last one ended, so that the
+                    # epoch's export and saved state hold the merged W without its noise.
+                    self._start_expert()
                 images = images.to(self._device, non_blocking=True)
                 labels = labels.to(self._device, non_blocking=True)
                 logits = self._model(images)
@@ -225,6 +232,12 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                 if self._clip_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         self._model.parameters(), max_norm=float(self._clip_grad_norm))
+                    if not torch.isfinite(grad_norm):
+                        raise NonFiniteLossError(
+                            f"gradient norm is {float(grad_norm)} at global step "
+                            f"{self.global_step + 1} (epoch {epoch + 1}, expert "
+                            f"{self._engine.expert}); stopping before the optimizer step. The "
+                            f"last saved state is intact.")
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 lr = self._optimizer.param_groups[0]["lr"]
@@ -248,8 +261,6 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                 if self._plan.ends_expert(self.global_step):
                     self._engine.end_expert()
                     log.info(f"expert {self._engine.expert} merged at step {self.global_step}")
-                    if self.global_step < self._plan.total_steps:
-                        self._start_expert()
                 running, seen, t0 = 0.0, 0, time.perf_counter()
             pbar.close()
             self.epochs_run = epoch + 1
@@ -268,6 +279,7 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         final = self._output_dir / "merged"
         replace_dir(staging, final)
         if self.epochs_run < self.total_epochs:
+            self._engine.check_finite()  # never replace the last good state with a broken one
             state = capture_training_state(
                 self._model, self._engine, self._optimizer, self._lr_scheduler or _NoScheduler(),
                 epochs_run=self.epochs_run, steps_done_in_epoch=0,

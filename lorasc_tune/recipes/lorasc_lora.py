@@ -27,8 +27,11 @@ the profiler, ``max_steps_per_epoch``. What it does differently, on purpose:
   (docs/merge_precision.md). QLoRA/QDoRA models (``qlora_*`` builders, ``quantize_base:
   True``) work too: the engine keeps a full-precision copy of each adapted matrix on CPU,
   merges into it and requantizes the NF4 weight from it; the export folds from that copy.
-* Safety: a non-finite loss stops the run before the optimizer step, naming the step and
-  expert; a non-finite adapter is never merged. The last saved state stays intact.
+* Safety: a non-finite loss or gradient norm stops the run before the optimizer step, naming
+  the step and expert; a non-finite adapter is never merged or saved. The last saved state
+  stays intact.
+* The next expert begins (and its noise is added) at its first step, not when the last one
+  ends, so ``epoch_{N}/`` is the merged model of that epoch without the next expert's noise.
 """
 
 from __future__ import annotations
@@ -211,19 +214,32 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
             self._model, self._cfg_optimizer, self._cfg_lr_scheduler, self._lorasc,
             self._plan, expert=self._engine.expert, global_step=self.global_step)
 
+    def _run_shape(self) -> Dict[str, int]:
+        """What a resume must not change: it fixes which samples and steps were already done."""
+        return {"steps_per_epoch": self._steps_per_epoch,
+                "global_batch_size": self._batch_size * self._grad_accum}
+
     def _resume_from(self, state: Dict[str, Any]) -> None:
+        saved_shape = state.get("run_shape")  # absent in states written before it was saved
+        if saved_shape is not None and saved_shape != self._run_shape():
+            raise ValueError(f"the saved state was written with {saved_shape}, this config gives "
+                             f"{self._run_shape()}; resume with the original batch_size, "
+                             f"gradient_accumulation_steps and max_steps_per_epoch")
         restore_model_state(self._model, self._engine, state)
         self.epochs_run = state["epochs_run"]
         self.global_step = state["global_step"]
         self._steps_done_in_epoch = state["steps_done_in_epoch"]
-        if not self._engine.expert_open:
-            raise ValueError("the saved state has no open expert; the run had already finished")
-        self._build_optimizer()
-        self._optimizer.load_state_dict(state["optimizer"])
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._plan.check_resume_position(self.global_step, self._engine.expert,
+                                         self._engine.expert_open)
+        if self._engine.expert_open:
+            self._build_optimizer()
+            self._optimizer.load_state_dict(state["optimizer"])
+            if self._lr_scheduler is not None:
+                self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # Otherwise the state was saved at a boundary: the training loop begins the next expert.
+        where = "" if self._engine.expert_open else " finished, the next begins now"
         log.info(f"Resumed at epoch {self.epochs_run}, step {self.global_step}, "
-                 f"expert {self._engine.expert}")
+                 f"expert {self._engine.expert}{where}")
 
     def _setup_profiler(self, cfg_profiler: Optional[DictConfig]):
         if cfg_profiler is None or not cfg_profiler.get("enabled", False):
@@ -258,6 +274,10 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
                 for idx, batch in enumerate(self._dataloader):
                     if skip_steps + idx // self._grad_accum >= self._steps_per_epoch:
                         break
+                    if idx % self._grad_accum == 0 and not self._engine.expert_open:
+                        # The next expert begins here, not when the last one ended, so that the
+                        # epoch's export and saved state hold the merged W without its noise.
+                        self._start_expert()
                     utils.batch_to_device(batch, self._device)
                     tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
                     # Sum of token losses, so accumulation normalises by all tokens at once.
@@ -280,6 +300,12 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
                     if self._clip_grad_norm is not None:
                         grad_norm = torch.nn.utils.clip_grad_norm_(
                             self._model.parameters(), max_norm=float(self._clip_grad_norm))
+                        if not torch.isfinite(grad_norm):
+                            raise NonFiniteLossError(
+                                f"gradient norm is {float(grad_norm)} at global step "
+                                f"{self.global_step + 1} (epoch {epoch + 1}, expert "
+                                f"{self._engine.expert}); stopping before the optimizer step. "
+                                f"The last saved state is intact.")
                     self._optimizer.step()
                     self._optimizer.zero_grad(set_to_none=True)
                     # The learning rates this step used (LoRA+ puts B in the last group).
@@ -308,8 +334,6 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
 
                     if self._plan.ends_expert(self.global_step):
                         self._engine.end_expert()
-                        if self.global_step < self._plan.total_steps:
-                            self._start_expert()
                     end_of_epoch = self._steps_done_in_epoch == self._steps_per_epoch
                     if (self._save_every_n_steps and not end_of_epoch
                             and self.global_step % self._save_every_n_steps == 0):
@@ -325,10 +349,13 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
     # ---- saving -----------------------------------------------------------------------------
 
     def _save_state(self, epochs_run: int) -> None:
+        # Never replace the last good state with a broken adapter (e.g. NaN from a bad step
+        # without gradient clipping): this raises first, naming the layer.
+        self._engine.check_finite()
         state = capture_training_state(
             self._model, self._engine, self._optimizer, self._lr_scheduler or _NoScheduler(),
             epochs_run=epochs_run, steps_done_in_epoch=self._steps_done_in_epoch,
-            global_step=self.global_step, seed=self.seed)
+            global_step=self.global_step, seed=self.seed, extra={"run_shape": self._run_shape()})
         save_training_state(self._output_dir, state)
 
     def save_checkpoint(self, epoch: int) -> None:

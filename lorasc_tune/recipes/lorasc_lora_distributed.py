@@ -141,8 +141,12 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
 
             # 3. Model: built on meta, sharded per layer, then filled; the engine over its adapters.
             self._model = self._setup_model(cfg, base_state)
+            # As in the single-device recipe, the fp32 masters (merge_precision: fp32_master)
+            # start from the checkpoint as loaded, not from its bf16 rounding; each rank keeps
+            # the rows of its own shard.
+            self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed,
+                                         master_source=base_state)
             del base_state
-            self._engine = CascadeEngine(self._model, self._lorasc, seed=self.seed)
             self._scales = {layer.name: layer.scale for layer in self._engine.layers}
             if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
                 self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
@@ -245,15 +249,18 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 f"gradient_accumulation_steps matches")
         self.epochs_run, self.global_step = meta["epochs_run"], meta["global_step"]
         self._steps_done_in_epoch = meta["steps_done_in_epoch"]
-        if not self._engine.expert_open:
-            raise ValueError("the saved state has no open expert; the run had already finished")
-        self._build_optimizer()
-        load_full_optimizer_state(self._model, self._optimizer, meta["optimizer"])
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        self._plan.check_resume_position(self.global_step, self._engine.expert,
+                                         self._engine.expert_open)
+        if self._engine.expert_open:
+            self._build_optimizer()
+            load_full_optimizer_state(self._model, self._optimizer, meta["optimizer"])
+            if self._lr_scheduler is not None:
+                self._lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        # Otherwise the state was saved at a boundary: the training loop begins the next expert.
         utils.log_rank_zero(log, f"Resumed from {state_dir} (saved by {meta['world_size']} "
                                  f"processes) at step {self.global_step}, expert "
-                                 f"{self._engine.expert}")
+                                 f"{self._engine.expert}"
+                                 f"{'' if self._engine.expert_open else ' finished'}")
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -280,6 +287,10 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
             for idx, batch in enumerate(self._dataloader):
                 if skip_steps + idx // self._grad_accum >= self._steps_per_epoch:
                     break
+                if idx % self._grad_accum == 0 and not self._engine.expert_open:
+                    # The next expert begins here, not when the last one ended, so that the
+                    # epoch's export and saved state hold the merged W without its noise.
+                    self._start_expert()
                 utils.batch_to_device(batch, self._device)
                 tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
                 loss = self._loss_step(batch) * tokens
@@ -306,6 +317,12 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                         self._model.parameters(), max_norm=float(self._clip_grad_norm))
                     if hasattr(grad_norm, "full_tensor"):
                         grad_norm = grad_norm.full_tensor()
+                    if not torch.isfinite(grad_norm):  # the same on every rank
+                        raise NonFiniteLossError(
+                            f"gradient norm is {float(grad_norm)} at global step "
+                            f"{self.global_step + 1} (epoch {epoch + 1}, expert "
+                            f"{self._engine.expert}); stopping before the optimizer step. The "
+                            f"last saved state is intact.")
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 lr = self._optimizer.param_groups[0]["lr"]
@@ -332,8 +349,6 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
 
                 if self._plan.ends_expert(self.global_step):
                     self._engine.end_expert()
-                    if self.global_step < self._plan.total_steps:
-                        self._start_expert()
                 end_of_epoch = self._steps_done_in_epoch == self._steps_per_epoch
                 if (self._save_every_n_steps and not end_of_epoch
                         and self.global_step % self._save_every_n_steps == 0):
@@ -350,6 +365,7 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
     # ---- saving -----------------------------------------------------------------------------
 
     def _save_state(self, epochs_run: int) -> None:
+        self._engine.check_finite()  # never replace the last good state with a broken adapter
         meta = {"epochs_run": epochs_run, "steps_done_in_epoch": self._steps_done_in_epoch,
                 "global_step": self.global_step, "seed": self.seed,
                 "steps_per_epoch": self._steps_per_epoch,
@@ -405,7 +421,9 @@ def recipe_main(cfg: DictConfig) -> None:
     on_cuda = str(cfg.device).startswith("cuda")
     if on_cuda:
         torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if on_cuda else "gloo")
+    # CPU tensors need gloo even on GPUs: with fsdp_cpu_offload the shards the cascade
+    # gathers and reduces live in host memory (torchtune's stock recipe does the same).
+    dist.init_process_group("cuda:nccl,cpu:gloo" if on_cuda else "gloo")
     if cfg.get("fsdp_cpu_offload", False):
         training.set_torch_num_threads()
     config.log_config(recipe_name="LoRASCRecipeDistributed", cfg=cfg)

@@ -99,7 +99,8 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path, shared_data):
     # The state written after epoch 1 is still there: the last epoch writes none.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     log = _run(base + [f"output_dir={tmp_path / 'b'}", "resume_from_checkpoint=True"])
-    assert "Resumed at epoch 1, step 15, expert 2" in log
+    # Saved at the boundary: expert 1 is merged, expert 2 (and its noise) begins on resuming.
+    assert "Resumed at epoch 1, step 15, expert 1 finished, the next begins now" in log
     for name in (src.name, "head.safetensors"):
         assert (tmp_path / "a" / "merged" / name).read_bytes() == \
             (tmp_path / "b" / "merged" / name).read_bytes(), name
