@@ -55,7 +55,8 @@ from lorasc_tune.vision.data import build_dataset, build_loader, eval_transform,
 from lorasc_tune.vision.export import save_classifier
 from lorasc_tune.vision.memory import estimate_peak_memory
 from lorasc_tune.vision.model import init_dora_magnitudes, init_head, is_adapter_param
-from lorasc_tune.vision.robustness import evaluate_sets, format_table, write_json
+from lorasc_tune.vision.robustness import (check_eval_sets, evaluate_sets, format_table,
+                                           write_json)
 
 log = utils.get_logger("INFO")
 
@@ -97,6 +98,11 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         if n_cls is not None and n_cls != len(self._class_ids):
             raise ValueError(f"model.num_classes={n_cls} but {d.root} has "
                              f"{len(self._class_ids)} classes")
+        # eval.sets is only used after the last epoch; check it now (kinds, folders, the
+        # IN-R/IN-A index against this head) so a typo costs seconds, not a training run.
+        ev = cfg.get("eval", None) or {}
+        check_eval_sets(dict(ev.get("sets", None) or {}), self._class_ids,
+                        ev.get("imagenet_index", None), key_prefix="eval.sets.")
         ckpt_path = (cfg.get("checkpoint", None) or {}).get("path", None)
         pretrained = load_pretrained_tower(ckpt_path) if ckpt_path else None
         resume_state = load_training_state(self._output_dir) if self._resume else None

@@ -97,6 +97,43 @@ def class_folder_set(root: str | Path, class_ids: Sequence[str], transform: Call
     return RobustImages(base, list(class_ids), on_bad_file)
 
 
+def check_eval_sets(sets: Dict[str, str], class_ids: Sequence[str],
+                    index_dir: Optional[str] = None,
+                    key_prefix: str = "") -> Dict[str, List[int]]:
+    """Check every ``{name: root}`` of an evaluation without reading any image; raise on the
+    first bad one with its name (``key_prefix + name``, e.g. ``eval.sets.imagenet_r``).
+
+    Checked: the kind is one of :data:`SET_KINDS`, ``root`` is an existing folder, and for
+    ImageNet-R/-A the class index in ``index_dir`` loads and covers every class of the subset
+    in the head ``class_ids``. Returns ``{name: head indices kept}`` for those subset sets, so
+    :func:`evaluate_sets` masks with exactly what was checked.
+    """
+    index = None
+    keeps: Dict[str, List[int]] = {}
+    for name, root in sets.items():
+        shown = f"{key_prefix}{name}"
+        kind = name.split(":", 1)[0]
+        if kind not in SET_KINDS:
+            raise ValueError(f"unknown evaluation set {shown!r}; kinds are "
+                             f"{', '.join(SET_KINDS)}")
+        if root is None or str(root) == "":
+            raise FileNotFoundError(f"evaluation set {shown!r}: no folder given")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"evaluation set {shown!r}: folder not found: {root}")
+        if kind in SUBSET_KINDS:
+            try:
+                # One index serves both subsets; it is only read if a subset set is asked for.
+                index = index or ImageNetIndex.load(index_dir)
+                keeps[name] = keep_indices(index, kind, class_ids)
+            except (OSError, ValueError, KeyError, IndexError) as e:
+                # The index errors name only files; say which set needed them. A missing file
+                # stays a FileNotFoundError; a malformed one (bad JSON, an index out of range)
+                # becomes a ValueError rather than a bare KeyError/IndexError.
+                kind_of = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+                raise kind_of(f"evaluation set {shown!r}: {e}") from e
+    return keeps
+
+
 def _subsample(ds, limit: Optional[int]):
     """Evenly spaced ``limit`` items (folders are class-sorted, so a prefix would be one class)."""
     if not limit or limit >= len(ds):
@@ -141,7 +178,9 @@ def evaluate_sets(
     Returns ``{name: {"top1": float, "n": int, ...}}``; ``imagenet_c`` adds ``per_corruption``
     ``{corruption: top1}`` and ``per_severity`` ``{corruption: {severity: top1}}``.
     """
-    index = None
+    # Every set is checked before the first is scored, so a typo in the last set does not
+    # surface only after the others have run.
+    keeps = check_eval_sets(sets, class_ids, index_dir)
     results: Dict[str, dict] = {}
 
     def run(ds, keep=None) -> Tuple[int, int]:
@@ -151,11 +190,8 @@ def evaluate_sets(
 
     for name, root in sets.items():
         kind = name.split(":", 1)[0]
-        if kind not in SET_KINDS:
-            raise ValueError(f"unknown evaluation set {name!r}; kinds are {', '.join(SET_KINDS)}")
         if kind in SUBSET_KINDS:
-            index = index or ImageNetIndex.load(index_dir)
-            keep = keep_indices(index, kind, class_ids)
+            keep = keeps[name]
             c, n = run(class_folder_set(root, class_ids, transform, on_bad_file), keep)
             results[name] = {"top1": _pct(c, n), "n": n, "classes": len(keep)}
         elif kind in GRID_KINDS:

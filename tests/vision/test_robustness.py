@@ -7,7 +7,7 @@ from torch import nn
 
 from lorasc_tune.vision.data import eval_transform
 from lorasc_tune.vision.imagenet_index import ImageNetIndex
-from lorasc_tune.vision.robustness import evaluate_sets, format_table
+from lorasc_tune.vision.robustness import check_eval_sets, evaluate_sets, format_table
 
 
 class Always(nn.Module):
@@ -74,3 +74,30 @@ def test_unknown_class_folder_and_set_are_named(layout):
     with pytest.raises(ValueError, match="unknown evaluation set 'imagenet_x'"):
         evaluate_sets(Always(), {"imagenet_x": root / "odd"}, idx.wnids, eval_transform(28),
                       torch.device("cpu"), num_workers=0)
+
+
+class NeverScore(nn.Module):
+    """Fails the test if any image is scored: the checks must all come first."""
+
+    def forward(self, images):
+        raise AssertionError("a set was scored before every set was checked")
+
+
+def test_every_set_is_checked_before_any_is_scored(layout, shared_data):
+    root, idx = layout
+    index_dir = str(shared_data("imagenet_index"))
+    keeps = check_eval_sets({"imagenet_val": root / "inval", "imagenet_r": root / "r"},
+                            idx.wnids, index_dir)
+    assert keeps == {"imagenet_r": idx.subsets["imagenet_r"]}  # 1k head: the 1k indices
+    # The bad set comes last; the good one before it must not be scored first.
+    for bad, exc, match in [
+        ({"imagenet_x": root / "odd"}, ValueError, "unknown evaluation set 'imagenet_x'"),
+        ({"imagenet_sketch": root / "missing"}, FileNotFoundError,
+         r"evaluation set 'imagenet_sketch': folder not found: .*missing"),
+        ({"imagenet_a": root / "r"}, FileNotFoundError,
+         r"evaluation set 'imagenet_a': ImageNet class index not found"),
+    ]:
+        with pytest.raises(exc, match=match):
+            evaluate_sets(NeverScore(), {"imagenet_val": root / "inval", **bad}, idx.wnids,
+                          eval_transform(28), torch.device("cpu"), num_workers=0,
+                          index_dir=str(root / "no_index_here"))
