@@ -9,8 +9,14 @@ fresh optimizer and scheduler.
     # boundary vs training step of a Llama-shaped model under FSDP2, 1 and 2 processes (gloo)
     python bench/boundary_cost.py fsdp --out bench/results/boundary_fsdp.json
     python bench/boundary_cost.py scaling --smoke   # seconds, for CI
+    # a whole Llama-2 on one device (random weights): step vs boundary, per merge_precision
+    python bench/boundary_cost.py model --device cuda --dtype bf16 --shape 7b \
+        --out bench/results/boundary_7b_gpu.json
+    python bench/boundary_cost.py model --smoke     # tiny Llama on CPU, for CI
 
-Timings are medians of repeats, on whatever machine runs them (the JSON records it).
+Timings are medians of repeats, on whatever machine runs them (the JSON records it). On CUDA
+every timed region is bracketed by ``torch.cuda.synchronize()`` and memory is
+``torch.cuda.max_memory_allocated``; on CPU memory is the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -118,6 +124,123 @@ def scaling(args) -> dict:
             "llama2_7b_qv_extrapolation_s": statistics.median(per_elem) * 64 * 4096 ** 2}
 
 
+# ---- model: a whole Llama-2 on one device -------------------------------------------------
+
+LLAMA2_7B = dict(vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096,
+                 intermediate_dim=11008, max_seq_len=4096, norm_eps=1e-5)
+LLAMA2_TINY = dict(LLAMA2_7B, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64,
+                   intermediate_dim=128, vocab_size=512, max_seq_len=256)
+
+
+def model_mode(args) -> dict:
+    """Training step and expert boundary of a Llama-2 with LoRA r=8 on q,v, random weights.
+
+    For each ``merge_precision`` a fresh engine runs boundaries (end_expert + begin_expert +
+    a fresh AdamW) between timed training steps. "boundary extra peak" is the device memory
+    a boundary allocates on top of what was allocated before it (CUDA: peak stats reset just
+    before the boundary; CPU: not measurable in-process, reported as null).
+    """
+    import torch
+    from torchtune import training
+    from torchtune.models.llama2 import lora_llama2
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    from lorasc_tune.cascade import CascadeEngine
+    from lorasc_tune.config import LoRASCConfig
+    from lorasc_tune.plan import optimizer_param_groups
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cuda = device.type == "cuda"
+    shape = LLAMA2_7B if args.shape == "7b" else LLAMA2_TINY
+    torch.manual_seed(0)
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = lora_llama2(["q_proj", "v_proj"], lora_rank=8, lora_alpha=16, **shape)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    for m in model.modules():
+        if hasattr(m, "rope_init"):
+            m.rope_init()
+    set_trainable_params(model, get_adapter_params(model))
+    if args.act_ckpt:
+        from torchtune.modules import TransformerSelfAttentionLayer
+
+        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    tokens = torch.randint(0, shape["vocab_size"], (args.batch, args.seq), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def allocated_mb(peak: bool) -> float:
+        if cuda:
+            f = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
+            return f(device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def train_step(opt):
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, shape["vocab_size"]).float(), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    points = []
+    for policy in args.merge_precision:
+        engine = CascadeEngine(model, LoRASCConfig(slow_alpha=0.5, noise_lambda=1.0,
+                                                   merge_precision=policy), seed=0)
+        engine.begin_expert()
+        opt = torch.optim.AdamW(optimizer_param_groups(model, 1e-4, 1.0))
+        train_step(opt)  # warm-up; B becomes non-zero so merges and noise are real work
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        steps, boundaries, extra = [], [], []
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            train_step(opt)
+            sync()
+            steps.append(time.perf_counter() - t0)
+        step_peak = allocated_mb(peak=True)
+        for _ in range(args.repeats):
+            sync()
+            before = allocated_mb(peak=False)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            engine.end_expert()
+            engine.begin_expert()
+            opt = torch.optim.AdamW(optimizer_param_groups(model, 1e-4, 1.0))
+            sync()
+            boundaries.append(time.perf_counter() - t0)
+            if cuda:
+                extra.append(allocated_mb(peak=True) - before)
+            train_step(opt)
+        step_s, boundary_s = statistics.median(steps), statistics.median(boundaries)
+        point = {"merge_precision": policy, "step_s": step_s, "boundary_s": boundary_s,
+                 "boundary_over_step": boundary_s / step_s,
+                 "tokens_per_s": args.batch * args.seq / step_s,
+                 "step_peak_mb": step_peak,
+                 "boundary_extra_peak_mb": max(extra) if extra else None,
+                 "adapted_matrices": len(engine.layers)}
+        points.append(point)
+        print(f"{policy:12s} step {step_s * 1e3:9.1f} ms  boundary {boundary_s * 1e3:9.1f} ms  "
+              f"ratio {point['boundary_over_step']:.3f}  tok/s {point['tokens_per_s']:.0f}  "
+              f"step peak {step_peak:.0f} MB  boundary extra "
+              f"{point['boundary_extra_peak_mb'] if extra else 'n/a'} MB", flush=True)
+        del engine, opt
+    machine = _machine()
+    if cuda:
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return {"machine": machine, "shape": shape, "dtype": args.dtype, "batch": args.batch,
+            "seq": args.seq, "act_ckpt": args.act_ckpt, "points": points}
+
+
 # ---- fsdp: a Llama-shaped model under FSDP2, 1 and 2 processes ------------------------------
 
 def _fsdp_worker(repeats: int) -> None:
@@ -213,18 +336,27 @@ def fsdp(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["scaling", "fsdp", "_fsdp_worker"])
+    parser.add_argument("mode", choices=["scaling", "fsdp", "model", "_fsdp_worker"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per training step")
     parser.add_argument("--smoke", action="store_true")
+    # model mode
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    parser.add_argument("--shape", choices=["7b", "tiny"], default="tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--act-ckpt", action="store_true")
+    parser.add_argument("--merge-precision", type=lambda t: t.split(","),
+                        default=["nearest", "fp32_master"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.mode == "_fsdp_worker":
         _fsdp_worker(args.repeats)
         return
     if args.smoke:
-        args.repeats, args.tokens = 2, 64
-    result = scaling(args) if args.mode == "scaling" else fsdp(args)
+        args.repeats, args.tokens, args.shape, args.seq = 2, 64, "tiny", 32
+    result = {"scaling": scaling, "fsdp": fsdp, "model": model_mode}[args.mode](args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

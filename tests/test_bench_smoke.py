@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from shared_paths import REPO_ROOT, require_shared
 
 
@@ -32,3 +34,14 @@ def test_boundary_cost_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert [(p["d"], p["matrices"]) for p in result["points"]] == [(64, 1), (64, 2)]
     assert all(p["boundary_s"] > 0 and p["step_s"] > 0 for p in result["points"])
+
+
+def test_boundary_cost_model_mode_smoke(tmp_path):
+    out = tmp_path / "model.json"
+    run("bench/boundary_cost.py", "model", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [p["merge_precision"] for p in result["points"]] == ["nearest", "fp32_master"]
+    for p in result["points"]:
+        assert p["adapted_matrices"] == 4  # 2 layers x (q, v)
+        assert p["step_s"] > 0 and p["boundary_s"] > 0
+        assert p["tokens_per_s"] == pytest.approx(4 * 32 / p["step_s"])
