@@ -5,8 +5,10 @@
 
 The YAMLs are generated because MMLU and BBH need one task per subject (84 near-identical files); the
 generation settings below are InstructEval's (declare-lab/instruct-eval): MMLU 5-shot, 2 new tokens;
-BBH 3-shot, 32 new tokens; DROP 3-shot, 8 new tokens; HumanEval 0-shot, 512 new tokens, the completion
-cut at the first blank line. GSM8K (not part of InstructEval) is 8-shot with 256 new tokens.
+BBH 3-shot, 32 new tokens; DROP 3-shot, 8 new tokens, InstructEval's ``score`` first; HumanEval
+0-shot, 512 new tokens with no stop string, then cleaned by a filter as InstructEval does (leading
+newlines dropped, cut at the first blank line). GSM8K (not part of InstructEval) is 8-shot with 256
+new tokens.
 Few-shot examples are built into each document's ``prompt`` (see :mod:`evals.instructeval.data`),
 so every task declares ``num_fewshot: 0``; the real shot count is in its metadata.
 """
@@ -37,12 +39,12 @@ def _until(stops: List[str]) -> str:
 
 
 def _generative_template(*, metric: str, max_gen_toks: int, until: List[str], shots: int,
-                         target: str, extra: str = "") -> str:
+                         target: str, extra: str = "", text: str = "prompt") -> str:
     return HEADER + f"""custom_dataset: !function utils.load
 test_split: test
 output_type: generate_until
 num_fewshot: 0
-doc_to_text: prompt
+doc_to_text: {text}
 doc_to_target: {target}
 generation_kwargs:
   until: {_until(until)}
@@ -88,22 +90,26 @@ def task_files() -> Dict[str, str]:
     files["bbh/_instructeval_bbh.yaml"] = _group(
         "instructeval_bbh", [f"instructeval_bbh_{t}" for t in BBH_TASKS], "exact_match")
 
-    drop_metric = """  - metric: f1
-    aggregation: mean
-    higher_is_better: true
-"""
+    # InstructEval's startswith score first; DROP's own em / f1 beside it for reference.
+    drop_metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                           for m in ("em", "f1"))
     files["drop/instructeval_drop.yaml"] = "task: instructeval_drop\n" + _generative_template(
-        metric="em", max_gen_toks=8, until=[], shots=3, target="query_id", extra=drop_metric)
+        metric="score", max_gen_toks=8, until=[], shots=3, target="query_id", extra=drop_metrics)
 
+    # No stop string: a "\n\n" stop would end a generation that opens with blank lines before any
+    # code, where InstructEval strips those lines and keeps the code. The clean filter cuts instead.
     exec_filter = """filter_list:
   - name: exec
     filter:
+      - function: custom
+        filter_fn: !function utils.clean
       - function: custom
         filter_fn: !function utils.execute
 unsafe_code: true
 """
     files["humaneval/instructeval_humaneval.yaml"] = "task: instructeval_humaneval\n" + _generative_template(
-        metric="pass@1", max_gen_toks=512, until=["\n\n"], shots=0, target="task_id", extra=exec_filter)
+        metric="pass@1", max_gen_toks=512, until=[], shots=0, target="task_id", extra=exec_filter,
+        text="model_input")
 
     files["gsm8k/instructeval_gsm8k.yaml"] = "task: instructeval_gsm8k\n" + _generative_template(
         metric="exact_match", max_gen_toks=256, until=["Question:", "\n\n"], shots=8, target="target")

@@ -80,12 +80,42 @@ def find_checkpoint_files(checkpoint_dir: Path) -> List[str]:
     )
 
 
-def llama2_args_from_hf_config(config: Dict[str, Any], max_seq_len: Optional[int] = None) -> Dict[str, Any]:
-    """torchtune ``llama2(...)`` builder arguments for an HF ``LlamaForCausalLM`` ``config.json``."""
+def unsupported_settings(config: Dict[str, Any]) -> List[str]:
+    """One message per ``config.json`` setting that torchtune's ``llama2(...)`` cannot build, each
+    naming the key; empty for a Llama-2-shaped config.
+
+    ``llama2`` has plain RoPE, separate input and output embeddings, ``hidden_size / heads``-wide
+    heads, bias-free projections and a SiLU MLP. A config asking for anything else would load (or
+    fail on a shape) as a different network from the one that was trained, so it is refused.
+    HF's defaults apply to absent keys, as ``LlamaConfig`` fills them in.
+    """
+    problems = []
     model_type = config.get("model_type", "llama")
     if model_type not in _SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json model_type={model_type!r} is not supported (supported: "
-                         f"{sorted(_SUPPORTED_MODEL_TYPES)})")
+        problems.append(f"model_type={model_type!r} (supported: {sorted(_SUPPORTED_MODEL_TYPES)})")
+    if config.get("rope_scaling") is not None:
+        problems.append(f"rope_scaling={config['rope_scaling']!r} (only unscaled RoPE: null)")
+    if config.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings=true (the output projection must be its own weight)")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and hidden is not None and heads and head_dim * heads != hidden:
+        problems.append(f"head_dim={head_dim} (must equal hidden_size / num_attention_heads = "
+                        f"{hidden} / {heads})")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key, False):
+            problems.append(f"{key}=true (projections must have no bias)")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config['hidden_act']!r} (only 'silu')")
+    return problems
+
+
+def llama2_args_from_hf_config(config: Dict[str, Any], max_seq_len: Optional[int] = None) -> Dict[str, Any]:
+    """torchtune ``llama2(...)`` builder arguments for an HF ``LlamaForCausalLM`` ``config.json``;
+    a ``ValueError`` listing every setting ``llama2`` cannot build (see :func:`unsupported_settings`)."""
+    problems = unsupported_settings(config)
+    if problems:
+        raise ValueError("config.json describes a model llama2(...) cannot build: " + "; ".join(problems))
     num_heads = config["num_attention_heads"]
     return dict(
         vocab_size=config["vocab_size"],

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from lorasc_tune.io import atomic_write_text
+
 # Top-level task -> (display name, metrics in display order).
 KNOWN_ROWS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "instructeval_mmlu": ("MMLU", ("acc",)),
     "instructeval_bbh": ("BBH", ("exact_match",)),
-    "instructeval_drop": ("DROP", ("f1", "em")),
+    "instructeval_drop": ("DROP", ("score", "em", "f1")),  # score: InstructEval's startswith
     "instructeval_humaneval": ("HumanEval", ("pass@1",)),
     "instructeval_gsm8k": ("GSM8K", ("exact_match",)),
 }
@@ -108,7 +110,7 @@ def write_table(results_json: Path) -> Path:
     """Write ``<results>.md`` beside ``results_json``; returns its path."""
     table = markdown_table(json.loads(Path(results_json).read_text()))
     out = Path(results_json).with_suffix(".md")
-    out.write_text(table)
+    atomic_write_text(out, table)
     return out
 
 
@@ -124,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = markdown_table(json.loads(path.read_text()))
     print(table, end="")
     if args.out:
-        Path(args.out).write_text(table)
+        atomic_write_text(args.out, table)
     return 0
 
 

@@ -8,6 +8,8 @@
 
 The task manager indexes only ``evals/tasks`` (not lm-eval's ~10k bundled YAMLs, which take seconds to
 scan), and the data options (``data_dir``, ``drop_path``, ...) go to the tasks as lm-eval metadata.
+Task names and data options are checked before the model is built, so a typo fails in seconds, not
+after loading a 7B checkpoint. Result files are written atomically.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from evals import TASKS_DIR
 from evals.instructeval.paths import TASK_OPTION_KEYS
+from lorasc_tune.io import atomic_write_text
 
 
 def task_manager(data_options: Optional[Dict[str, Any]] = None, include_defaults: bool = False):
@@ -30,6 +33,23 @@ def task_manager(data_options: Optional[Dict[str, Any]] = None, include_defaults
     if unknown:
         raise ValueError(f"unknown data options {sorted(unknown)}; known: {sorted(TASK_OPTION_KEYS)}")
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=options)
+
+
+def check_task_names(tasks: Sequence[str], manager: Any) -> List[str]:
+    """``tasks`` as a list, or a ``ValueError`` naming each name ``manager`` does not know and listing
+    the groups and tags it does (each group's own tasks, e.g. ``instructeval_mmlu_anatomy``, also work)."""
+    if isinstance(tasks, str):  # a lone name would otherwise be read as a list of characters
+        tasks = [tasks]
+    names = list(tasks)
+    if not names:
+        raise ValueError("no tasks given")
+    registered = set(manager.all_tasks)
+    unknown = [t for t in names if t not in registered]
+    if unknown:
+        known = sorted(set(manager.all_groups) | set(manager.all_tags))
+        raise ValueError(f"unknown task(s) {unknown}; groups and tags: {known} (or any of their tasks, "
+                         f"e.g. instructeval_mmlu_anatomy)")
+    return names
 
 
 def evaluate(
@@ -61,10 +81,12 @@ def evaluate(
     from evals.lm_adapter import LoraScLM
     from evals.report import markdown_table
 
+    manager = task_manager(data_options)  # checks the data options
+    tasks = check_task_names(tasks, manager)
     if lm is None:
         lm = LoraScLM(checkpoint_dir=checkpoint_dir, tokenizer_path=tokenizer_path, **model_kwargs)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=task_manager(data_options), limit=limit,
+        model=lm, tasks=tasks, task_manager=manager, limit=limit,
         confirm_run_unsafe_code=allow_code_execution, log_samples=log_samples, gen_kwargs=gen_kwargs,
     )
     if results is None:  # non-zero ranks
@@ -75,8 +97,8 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
         serialisable = {k: v for k, v in results.items() if k not in ("samples", "markdown")}
-        (out / f"results_{stamp}.json").write_text(json.dumps(serialisable, indent=2, default=str))
-        (out / f"results_{stamp}.md").write_text(results["markdown"])
+        atomic_write_text(out / f"results_{stamp}.json", json.dumps(serialisable, indent=2, default=str))
+        atomic_write_text(out / f"results_{stamp}.md", results["markdown"])
         if log_samples and "samples" in results:
-            (out / f"samples_{stamp}.json").write_text(json.dumps(results["samples"], default=str))
+            atomic_write_text(out / f"samples_{stamp}.json", json.dumps(results["samples"], default=str))
     return results

@@ -1,11 +1,13 @@
 """Answer extraction and metrics for the InstructEval tasks.
 
-* MMLU and BBH (InstructEval): a prediction is right when, stripped, it starts with the gold answer.
+* MMLU, BBH and DROP (InstructEval): a prediction is right when, stripped, it starts with the
+  gold answer. For DROP this is InstructEval's ``score``; exact match and bag-of-words F1 after
+  DROP's answer normalisation (lower case, no punctuation or articles, numbers canonicalised, best
+  over the gold answers, multi-span answers aligned one-to-one) are reported beside it.
+  Differences from the official DROP script are noted where they occur.
+* HumanEval (InstructEval): the completion is cleaned as InstructEval does before it is run.
 * GSM8K: the final number of the generation (the one after ``####`` when the model writes one,
   else the last number), compared numerically with the gold number.
-* DROP: exact match and bag-of-words F1 after DROP's answer normalisation (lower case, no
-  punctuation or articles, numbers canonicalised), best over the gold answers, with multi-span
-  answers aligned one-to-one. Differences from the official script are noted where they occur.
 """
 
 from __future__ import annotations
@@ -13,14 +15,31 @@ from __future__ import annotations
 import re
 import string
 from decimal import Decimal, InvalidOperation
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-# ---- MMLU / BBH -----------------------------------------------------------------------------
+# ---- MMLU / BBH / DROP (InstructEval's rule) ----------------------------------------------
 
 
 def starts_with_answer(prediction: str, gold: str) -> bool:
-    """InstructEval's check for MMLU and BBH: ``prediction.strip().startswith(gold)``."""
+    """InstructEval's check for MMLU, BBH and DROP: ``prediction.strip().startswith(gold)``."""
     return prediction.strip().startswith(gold.strip())
+
+
+# ---- HumanEval ------------------------------------------------------------------------------
+
+
+def _even_indent(line: str) -> str:
+    """``line`` with one more leading space when its leading spaces are odd in number."""
+    indent = len(line) - len(line.lstrip(" "))
+    return " " + line if indent % 2 else line
+
+
+def humaneval_completion(generation: str) -> str:
+    """The code InstructEval keeps from a HumanEval generation: every line's indentation padded to
+    an even number of spaces, leading newlines removed, then everything from the first blank line
+    (``"\n\n"``) on dropped, because a model tends to go on with tests or a second function."""
+    code = "\n".join(_even_indent(line) for line in generation.split("\n"))
+    return code.lstrip("\n").split("\n\n", 1)[0]
 
 
 # ---- numbers (GSM8K) ------------------------------------------------------------------------
@@ -82,31 +101,6 @@ def gsm8k_exact_match(generation: str, gold: str) -> bool:
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = set(string.punctuation)
 _HYPHEN_IN_WORD = re.compile(r"(?<=[^\s-])-(?=[^\s-])")
-
-
-def drop_answer_strings(answer: Dict[str, Any]) -> List[str]:
-    """Gold strings of one DROP answer object: its number, else its spans, else its date
-    ("day month year", blanks dropped); empty when the object is blank."""
-    number = str(answer.get("number", "") or "").strip()
-    if number:
-        return [number]
-    spans = [s.strip() for s in answer.get("spans", []) or [] if s.strip()]
-    if spans:
-        return spans
-    date = answer.get("date", {}) or {}
-    parts = [str(date.get(k, "") or "").strip() for k in ("day", "month", "year")]
-    text = " ".join(p for p in parts if p)
-    return [text] if text else []
-
-
-def drop_gold_answers(qa: Dict[str, Any]) -> List[List[str]]:
-    """The main answer followed by the distinct validated answers, each a list of strings."""
-    golds: List[List[str]] = []
-    for answer in [qa.get("answer", {})] + list(qa.get("validated_answers", []) or []):
-        strings = drop_answer_strings(answer)
-        if strings and strings not in golds:
-            golds.append(strings)
-    return golds
 
 
 def _normalize_token(token: str) -> str:

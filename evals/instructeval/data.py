@@ -2,9 +2,10 @@
 
 Each loader returns a ``datasets.DatasetDict`` whose ``test`` rows carry a ready ``prompt`` (the
 few-shot examples, then the question) and the gold answer; the YAMLs use ``num_fewshot: 0`` and
-``doc_to_text: prompt``. Building the shots here, rather than through lm-eval's sampler, is what lets
+``doc_to_text: prompt`` (HumanEval: ``model_input``, see :func:`load_humaneval`). Building the shots here, rather than through lm-eval's sampler, is what lets
 us reproduce InstructEval's choices exactly: MMLU's first 5 dev rows under a subject header, BBH's
-first 3 examples of each task (scored on the rest), DROP's 3 seeded random shots from other passages.
+first 3 examples of each task (scored on the rest), DROP's 3 seeded random shots from other passages,
+HumanEval's instruction line.
 
 Loaders are called by lm-eval as ``custom_dataset(**metadata, **dataset_kwargs)``; ``metadata``
 includes ``--model_args`` and ``--metadata``, which is how path overrides reach
@@ -21,8 +22,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from evals.instructeval.answers import drop_gold_answers
 from evals.instructeval.paths import dataset_path
+# HF ``drop``'s reader (validated answers for the dev file, questions with mixed or empty answers
+# skipped): InstructEval scores HF's validation split, so we read the release file the same way.
+from lorasc_tune.data.mezo import _load_drop as _load_drop_like_hf
 
 MMLU_SHOTS, BBH_SHOTS, DROP_SHOTS, GSM8K_SHOTS = 5, 3, 3, 8
 MMLU_LETTERS = "ABCD"
@@ -44,16 +47,44 @@ def _require(path: Path | str, what: str) -> Path:
 # ---- MMLU -----------------------------------------------------------------------------------
 
 
+#: Header of the reformatted copy in the shared data (answers are 0-3 there).
+MMLU_REFORMATTED_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+_MMLU_FORMATS = ("expected either Hendrycks' original release (no header; 6 fields per row: question, "
+                 "4 choices, answer A-D) or the reformatted copy (header "
+                 + ",".join(MMLU_REFORMATTED_HEADER) + "; answer 0-3)")
+
+
+def _mmlu_format_error(path: Path, where: str) -> ValueError:
+    return ValueError(f"{path}: {where}; {_MMLU_FORMATS}")
+
+
+def _mmlu_row(path: Path, number: int, fields: List[str], answers: Sequence[str]) -> Dict[str, Any]:
+    """Csv record ``number`` (1-based) parsed; ``answers`` are the accepted values for A, B, C, D."""
+    if len(fields) != 6:
+        raise _mmlu_format_error(path, f"csv record {number} has {len(fields)} fields instead of 6")
+    answer = fields[5].strip()
+    if answer not in answers:
+        raise _mmlu_format_error(
+            path, f"csv record {number} has answer {fields[5]!r}, not one of {', '.join(answers)}")
+    return {"question": fields[0], "choices": fields[1:5], "answer": MMLU_LETTERS[answers.index(answer)]}
+
+
 def read_mmlu_csv(path: Path) -> List[Dict[str, Any]]:
-    """Rows of a reformatted MMLU csv (header ``question,choice0..choice3,answer``, answer 0-3)."""
+    """Rows ``{question, choices (4), answer (A-D)}`` of an MMLU csv in either format.
+
+    Hendrycks' release has no header and answers A-D; the shared data's copy starts with the header
+    ``question,choice0..choice3,answer`` and answers 0-3. The header tells them apart; every row is
+    then checked against that format, so a file in neither raises an error naming the file.
+    """
     with open(_require(path, "mmlu"), newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = []
-        for r in reader:
-            rows.append({"question": r["question"],
-                         "choices": [r[f"choice{j}"] for j in range(4)],
-                         "answer": MMLU_LETTERS[int(r["answer"])]})
-    return rows
+        records = [r for r in csv.reader(f) if r]  # csv.reader yields [] for a blank line
+    if not records:
+        raise _mmlu_format_error(path, "no rows")
+    reformatted = records[0] == MMLU_REFORMATTED_HEADER
+    # A tuple, not a string: membership must match a whole value ("AB" or "" is no answer).
+    answers, first = (("0", "1", "2", "3"), 1) if reformatted else (tuple(MMLU_LETTERS), 0)
+    return [_mmlu_row(path, number, fields, answers)
+            for number, fields in enumerate(records[first:], start=first + 1)]
 
 
 def mmlu_subject_header(subject: str) -> str:
@@ -113,43 +144,49 @@ def bbh_tasks(options: Dict[str, Any] | None = None) -> List[str]:
 
 
 def read_drop(path: Path) -> List[Dict[str, Any]]:
-    """Questions of a DROP release file (``{passage_id: {passage, qa_pairs: [...]}}``), in file order.
+    """Questions of a DROP release file (``{passage_id: {passage, qa_pairs: [...]}}``), in file order,
+    as HF ``drop``'s validation split holds them (the split InstructEval evaluates).
 
-    Each row: ``passage``, ``question``, ``query_id``, ``answers`` (gold answers, each a list of
-    strings: the main answer first, then the validated ones).
+    Each row: ``passage_id``, ``passage``, ``question``, ``query_id`` and ``answers``: the strings
+    of all *validated* answers, concatenated (HF's ``answers_spans.spans``), each stripped as
+    InstructEval's ``get_answers`` does. The main ``answer`` field is not used, as in HF's split.
     """
-    data = json.loads(_require(path, "drop").read_text(encoding="utf-8"))
-    rows = []
-    for passage_id, item in data.items():
-        for qa in item["qa_pairs"]:
-            answers = drop_gold_answers(qa)
-            if not answers:
-                continue
-            rows.append({"passage_id": passage_id, "passage": item["passage"], "question": qa["question"],
-                         "query_id": qa.get("query_id", ""), "answers": answers})
-    return rows
+    rows = _load_drop_like_hf(_require(path, "drop"), validated=True)
+    return [{"passage_id": r["section_id"], "passage": r["passage"], "question": r["question"],
+             "query_id": r["query_id"] or "", "answers": [a.strip() for a in r["answers"]]}
+            for r in rows]
+
+
+def drop_label(row: Dict[str, Any]) -> str | None:
+    """The one gold string of a DROP row, or None when its validated spans are not all the same
+    string (InstructEval keeps a question only when they reduce to one distinct string)."""
+    distinct = set(row["answers"])
+    return row["answers"][0] if len(distinct) == 1 else None
 
 
 def drop_example(row: Dict[str, Any], with_answer: bool) -> str:
     text = row["passage"].strip() + " " + row["question"].strip() + "\nAnswer:"
-    return text + (f" {row['answers'][0][0]}\n\n" if with_answer else "")
+    return text + (f" {drop_label(row)}\n\n" if with_answer else "")
 
 
 def split_drop(rows: Sequence[Dict[str, Any]], shots: int = DROP_SHOTS, seed: int = 0):
-    """InstructEval's DROP protocol: keep questions whose main answer is one string, draw ``shots``
-    of them with ``random.seed(seed)``, and score only questions on the other passages."""
-    single = [r for r in rows if len(set(r["answers"][0])) == 1]
-    rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample
-    chosen = rng.sample(single, k=shots)
+    """InstructEval's DROP protocol: keep questions with one distinct validated answer, draw
+    ``shots`` of them as ``random.seed(seed); random.sample(kept, shots)`` would, and score only
+    the kept questions on the other passages. Returns ``(shots, test)``."""
+    kept = [r for r in rows if drop_label(r) is not None]
+    rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample, without global state
+    chosen = rng.sample(kept, k=shots)
     used = {r["passage"] for r in chosen}
-    return chosen, [r for r in single if r["passage"] not in used]
+    return chosen, [r for r in kept if r["passage"] not in used]
 
 
 def load_drop(shots: int = DROP_SHOTS, seed: int = 0, **options: Any):
+    """DROP test docs: ``prompt`` (``shots`` solved questions, then the question), ``label`` (the
+    gold string) and ``query_id``."""
     chosen, test = split_drop(read_drop(dataset_path("drop", options)), shots=shots, seed=seed)
     prefix = "".join(drop_example(r, True) for r in chosen)
-    rows = [{"prompt": prefix + drop_example(r, False), "answers": r["answers"],
-             "query_id": r["query_id"]} for r in test]
+    rows = [{"prompt": prefix + drop_example(r, False), "label": drop_label(r), "query_id": r["query_id"]}
+            for r in test]
     return _dataset_dict({"test": rows})
 
 
@@ -162,10 +199,19 @@ def read_humaneval(path: Path) -> List[Dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+#: InstructEval's instruction line, put before every HumanEval prompt for non-StarCoder models
+#: (human_eval/main.py ``gen_prompt``).
+HUMANEVAL_INSTRUCTION = ("Please complete the following Python code without providing any additional "
+                         "tasks such as testing or explanations\n")
+
+
 def load_humaneval(**options: Any):
-    """The 164 problems; ``prompt`` is the problem's own prompt (0-shot)."""
+    """The 164 problems, 0-shot. ``model_input`` (what the model reads) is InstructEval's
+    instruction line + the problem's ``prompt``; ``prompt`` itself stays the problem's own text,
+    because the program that is run is ``prompt + completion + tests``."""
     keep = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-    rows = [{k: p[k] for k in keep} for p in read_humaneval(dataset_path("humaneval", options))]
+    rows = [{**{k: p[k] for k in keep}, "model_input": HUMANEVAL_INSTRUCTION + p["prompt"]}
+            for p in read_humaneval(dataset_path("humaneval", options))]
     return _dataset_dict({"test": rows})
 
 

@@ -8,16 +8,61 @@ both paths give the same numbers. The model comes either from ``checkpoint_dir``
 the ``epoch_N`` our training recipe writes; the architecture is read from its ``config.json``) or,
 torchtune style, from ``model`` + ``checkpointer`` components; the tokenizer from ``tokenizer_path``
 or a ``tokenizer`` component. Results: lm-eval's JSON and a markdown table under ``output_dir``.
+
+The config is checked before the model is built: unknown top-level keys, unknown ``data`` keys and
+unknown task names stop the run with an error naming the key (or task) and what is allowed.
+``tasks`` may be a list or, from the command line, one name or comma-separated names
+(``tasks=instructeval_mmlu``).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config, training
+
+
+#: Every top-level key the recipe reads (see configs/lorasc_eval.yaml); ``model``, ``checkpointer``
+#: and ``tokenizer`` are the torchtune-style components.
+ALLOWED_KEYS = frozenset({
+    "checkpoint_dir", "tokenizer_path", "output_dir", "tasks", "limit", "allow_code_execution",
+    "log_samples", "max_gen_toks_override", "data", "device", "dtype", "batch_size", "max_seq_len",
+    "max_gen_toks", "use_cache", "seed", "model", "checkpointer", "tokenizer",
+})
+
+
+def task_names(value: Any) -> List[str]:
+    """``cfg.tasks`` as a list of names. A string is one name, or several separated by commas: a
+    command-line ``tasks=instructeval_mmlu`` arrives as a string, and ``list()`` would split it into
+    characters."""
+    if value is None:
+        return ["instructeval"]
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, (ListConfig, list, tuple)):
+        return [str(t) for t in value]
+    raise ValueError(f"config key 'tasks' must be a task name or a list of names, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> Tuple[List[str], Dict[str, Any]]:
+    """``(task names, data options)`` of ``cfg``, or a ``ValueError`` for an unknown top-level key,
+    ``data`` key or task. Cheap (reads YAMLs only), so it runs before the model is built."""
+    from evals.suite import check_task_names, task_manager
+
+    unknown = sorted(set(cfg.keys()) - ALLOWED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; allowed: {sorted(ALLOWED_KEYS)}")
+    data = cfg.get("data", None) or {}
+    if not isinstance(data, (DictConfig, dict)):
+        raise ValueError(f"config key 'data' must be a mapping of data options, got {data!r}")
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    data_options = {k: v for k, v in data.items() if v is not None}  # null: use the default location
+    manager = task_manager(data_options)  # raises on an unknown data key, listing the allowed ones
+    return check_task_names(task_names(cfg.get("tasks", None)), manager), data_options
 
 
 def _model_from_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -58,14 +103,14 @@ class LoraScEvalRecipe:
         from evals.suite import evaluate
 
         cfg = self.cfg
+        tasks, data_options = validate_config(cfg)  # before the (slow) model build
         if cfg.get("seed") is not None:
             training.set_seed(cfg.seed)
-        data_options = OmegaConf.to_container(cfg.get("data", None) or OmegaConf.create({}), resolve=True)
         results = evaluate(
-            lm=build_lm(cfg), tasks=list(cfg.get("tasks", ["instructeval"])), limit=cfg.get("limit"),
+            lm=build_lm(cfg), tasks=tasks, limit=cfg.get("limit"),
             allow_code_execution=bool(cfg.get("allow_code_execution", False)),
             output_dir=cfg.get("output_dir"), log_samples=bool(cfg.get("log_samples", False)),
-            data_options={k: v for k, v in data_options.items() if v is not None},
+            data_options=data_options,
             gen_kwargs=(f"max_gen_toks={int(cfg.max_gen_toks_override)}"
                         if cfg.get("max_gen_toks_override") else None),
         )

@@ -63,28 +63,23 @@ def test_drop_multi_span_prediction_and_extraction():
     assert A.drop_normalize("The 1,000 U.S. soldiers!") == "1000 us soldiers"
 
 
-def test_drop_gold_answers_from_release_format():
-    qa = {"answer": {"number": "", "date": {"day": "4", "month": "June", "year": "1994"}, "spans": []},
-          "validated_answers": [{"number": "", "date": {"day": "", "month": "June", "year": "1994"}, "spans": []},
-                                {"number": "", "date": {"day": "4", "month": "June", "year": "1994"}, "spans": []}]}
-    assert A.drop_gold_answers(qa) == [["4 June 1994"], ["June 1994"]]
-    assert A.drop_gold_answers({"answer": {"number": "7", "spans": []}}) == [["7"]]
-
-
 def test_drop_loader_follows_instructeval_protocol():
     rows = D.read_drop(DROP_FIXTURE)
-    assert len(rows) == 14
+    assert len(rows) == 14  # every fixture question has validated answers
     shots, test = D.split_drop(rows)
     assert len(shots) == 3
-    # multi-span questions are dropped; no test question shares a passage with a shot
-    assert all(len(r["answers"][0]) == 1 for r in test)
+    # fixture-q04 (two distinct validated spans) is left out; no test question shares a shot's passage
+    assert "fixture-q04" not in {r["query_id"] for r in shots + test}
     assert not {r["passage"] for r in shots} & {r["passage"] for r in test}
     ds = D.load_drop(drop_path=str(DROP_FIXTURE))["test"]
     assert len(ds) == len(test) > 0
     doc = ds[0]
-    expected_prefix = "".join(f"{s['passage'].strip()} {s['question'].strip()}\nAnswer: {s['answers'][0][0]}\n\n"
+    expected_prefix = "".join(f"{s['passage'].strip()} {s['question'].strip()}\nAnswer: {s['answers'][0]}\n\n"
                               for s in shots)
     assert doc["prompt"].startswith(expected_prefix) and doc["prompt"].endswith("\nAnswer:")
+    # the gold string is the validated one: q01 was validated as "2,570" (main answer "2570")
+    labels = {r["query_id"]: D.drop_label(r) for r in rows}
+    assert labels["fixture-q01"] == "2,570" and labels["fixture-q06"] == "Hawks"
 
 
 def test_mmlu_and_bbh_prompts(shared_data):

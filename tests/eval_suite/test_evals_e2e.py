@@ -49,7 +49,7 @@ def test_python_api_offline(tiny_ckpt_32k, llama2_tokenizer_path, shared_data, o
     res = results["results"]
     assert set(FIVE) <= set(res)
     assert 0.0 <= res["instructeval_mmlu_anatomy"]["acc,none"] <= 1.0
-    assert {"em,none", "f1,none"} <= set(res["instructeval_drop"])
+    assert {"score,none", "em,none", "f1,none"} <= set(res["instructeval_drop"])
     assert "pass@1,exec" in res["instructeval_humaneval"]
     assert "exact_match,none" in res["instructeval_gsm8k"]
     assert all(results["n-samples"][t]["effective"] == 2 for t in FIVE)
@@ -120,5 +120,5 @@ def test_tune_run_eval_recipe(demo_like_checkpoint, shared_data, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_offline_subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| GSM8K | 8 | exact_match |" in proc.stdout and "| DROP | 3 | f1 / em |" in proc.stdout
+    assert "| GSM8K | 8 | exact_match |" in proc.stdout and "| DROP | 3 | score / em / f1 |" in proc.stdout
     assert len(list((tmp_path / "eval").glob("results_*.json"))) == 1

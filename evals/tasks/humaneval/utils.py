@@ -1,15 +1,23 @@
 """lm-eval hooks for the InstructEval HumanEval task (logic lives in evals.instructeval).
 
-The ``execute`` filter runs every completion of the task at once, in parallel sandboxed
-subprocesses; ``process_results`` only reads the outcome.
+Two filters run in turn: ``clean`` keeps the code InstructEval keeps from each generation (even
+indentation, leading newlines dropped, cut at the first blank line); ``execute`` runs every
+completion of the task at once, in parallel sandboxed subprocesses. ``process_results`` only reads
+the outcome.
 """
 
+from evals.instructeval.answers import humaneval_completion
 from evals.instructeval.code_exec import humaneval_program, pass_at_k, run_programs
 from evals.instructeval.data import load_humaneval
 
 
 def load(**options):
     return load_humaneval(**options)
+
+
+def clean(resps, docs):
+    """Per doc: its generations reduced to the code InstructEval would run."""
+    return [[humaneval_completion(g) for g in generations] for generations in resps]
 
 
 def execute(resps, docs):
