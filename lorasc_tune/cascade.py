@@ -65,9 +65,9 @@ _STREAM_A, _STREAM_NOISE, _STREAM_ROUND_NOISE, _STREAM_ROUND_MERGE = 1, 2, 3, 4
 # Config keys that must not change on resume, with the value to assume for states written
 # before the key existed (merge_precision: those were all written with round-to-nearest).
 # schedule and lr_ratio_B shape the optimizer and scheduler state that a resume reloads.
-_RESUME_KEYS = {"cascade": None, "steps_per_expert": None, "slow_alpha": None,
-                "noise_lambda": None, "merge_precision": "nearest", "schedule": "expert",
-                "lr_ratio_B": 1.0}
+_RESUME_KEYS = {"cascade": None, "steps_per_expert": None, "num_experts": None,
+                "slow_alpha": None, "noise_lambda": None, "merge_precision": "nearest",
+                "schedule": "expert", "lr_ratio_B": 1.0}
 STATE_VERSION = 1
 
 

@@ -8,6 +8,8 @@ re-check it.
     lorasc:
       cascade: true           # false = plain LoRA: one expert, merged only in the exported copy
       steps_per_expert: null  # null = one expert per epoch; N = a new expert every N optimizer steps
+      num_experts: null       # or T: T experts spread evenly over the whole run (Table 4's
+                              # cascade frequency, 2 … 1250 over 5 epochs, whatever the data size)
       slow_alpha: 0.5         # α in [0, 1): A_slow ← α·A_slow + (1-α)·A_fast (0 = COLA-style)
       noise_lambda: 1.0       # λ >= 0: W̃ = W + U(-λ/2, λ/2)·std(s·B_slow·A_slow) (0 = off)
       lr_ratio_B: 1.0         # LoRA+: lr(B) = lr_ratio_B × lr(A); the paper uses 16
@@ -45,6 +47,7 @@ class LoRASCConfigError(ValueError):
 class LoRASCConfig:
     cascade: bool = True
     steps_per_expert: Optional[int] = None
+    num_experts: Optional[int] = None
     slow_alpha: float = 0.5
     noise_lambda: float = 1.0
     lr_ratio_B: float = 1.0
@@ -106,6 +109,19 @@ class LoRASCConfig:
                     f"lorasc.cascade is false (plain LoRA has a single expert); set "
                     f"lorasc.steps_per_expert to null or lorasc.cascade to true"
                 )
+        t = self.num_experts
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+                raise LoRASCConfigError(
+                    f"lorasc.num_experts must be null or an integer >= 1; got {t!r}")
+            if spe is not None:
+                raise LoRASCConfigError(
+                    f"lorasc.num_experts={t} and lorasc.steps_per_expert={spe} both set the "
+                    f"cascade frequency; set one of them to null")
+            if not self.cascade and t != 1:
+                raise LoRASCConfigError(
+                    f"lorasc.num_experts={t}, but lorasc.cascade is false (plain LoRA has a "
+                    f"single expert); set lorasc.num_experts to null or lorasc.cascade to true")
         if self.schedule not in ("expert", "run"):
             raise LoRASCConfigError(
                 f"lorasc.schedule must be 'expert' (restart per expert) or 'run' (one schedule "
@@ -170,6 +186,7 @@ def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS) -> None:
     positive_int("max_steps_per_epoch", optional=True)
     positive_int("save_every_n_steps", optional=True)
     positive_int("keep_last_n_states", optional=True)
+    positive_int("log_every_n_steps", optional=True)  # null: every step
     clip = cfg.get("clip_grad_norm", None)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                              or not math.isfinite(float(clip)) or float(clip) <= 0):
@@ -219,20 +236,22 @@ def check_dataset_rows(dataset: Any, name: str = "dataset") -> None:
     a run. Tokenising once up front costs seconds for instruction-sized data sets.
     """
     raw = getattr(dataset, "_data", None)  # torchtune SFTDataset keeps the HF rows here
-    if raw is not None and hasattr(raw, "column_names"):
-        # A JSON row missing a field comes back from HF datasets as None in that column.
-        for i, record in enumerate(raw):
-            missing = [k for k, v in record.items() if v is None]
-            if missing:
-                raise ValueError(f"{name} row {i} has no field '{missing[0]}' "
-                                 f"(fields: {', '.join(raw.column_names)})")
     for i in range(len(dataset)):
         try:
             row = dataset[i]
-        except KeyError as e:
-            raise ValueError(f"{name} row {i} has no field {e}; check the data file or the "
-                             f"dataset's column_map") from e
         except Exception as e:  # noqa: BLE001 - any failure here is a data problem
+            # A JSON row missing a field comes back from HF datasets as None in that column.
+            # Only a row the transform rejects is reported: optional fields (Alpaca's
+            # ``input``) may be empty.
+            empty = []
+            if raw is not None and hasattr(raw, "column_names"):
+                empty = [k for k, v in raw[i].items() if v is None]
+            if empty:
+                raise ValueError(f"{name} row {i} has no field '{empty[0]}' "
+                                 f"(fields: {', '.join(raw.column_names)})") from e
+            if isinstance(e, KeyError):
+                raise ValueError(f"{name} row {i} has no field {e}; check the data file or "
+                                 f"the dataset's column_map") from e
             raise ValueError(f"{name} row {i} could not be prepared: {type(e).__name__}: {e}") \
                 from e
         tokens = row.get("tokens") if isinstance(row, Mapping) else None

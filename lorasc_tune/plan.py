@@ -73,8 +73,8 @@ class ExpertPlan:
             raise ValueError(
                 f"the saved state (step {global_step}, expert {expert} {state}) does not fit this "
                 f"run's plan, where step {global_step} belongs to expert {k + 1}; were batch_size, "
-                f"gradient_accumulation_steps, max_steps_per_epoch or lorasc.steps_per_expert "
-                f"changed since it was saved?")
+                f"gradient_accumulation_steps, max_steps_per_epoch, epochs or the cascade "
+                f"frequency changed since it was saved?")
 
     def ends_expert(self, steps_done: int) -> bool:
         """True when ``steps_done`` optimizer steps complete an expert."""
@@ -82,7 +82,9 @@ class ExpertPlan:
 
     @classmethod
     def build(cls, cfg: LoRASCConfig, steps_per_epoch: int, epochs: int) -> "ExpertPlan":
-        """One expert per epoch (``steps_per_expert: null``), every N steps, or one in all."""
+        """One expert per epoch (default), every N steps (``steps_per_expert``), T spread evenly
+        over the run (``num_experts``: expert k starts at step ``k·total // T``), or one in all
+        (``cascade: false``)."""
         if steps_per_epoch <= 0:
             raise ValueError(
                 f"an epoch has {steps_per_epoch} optimizer steps: the dataset is smaller than "
@@ -91,6 +93,13 @@ class ExpertPlan:
         total = steps_per_epoch * epochs
         if not cfg.cascade:
             starts = (0,)
+        elif cfg.num_experts is not None:
+            if cfg.num_experts > total:
+                raise ValueError(
+                    f"lorasc.num_experts={cfg.num_experts} is more than the run's {total} "
+                    f"optimizer steps ({epochs} epochs x {steps_per_epoch}); every expert needs "
+                    f"at least one step")
+            starts = tuple(k * total // cfg.num_experts for k in range(cfg.num_experts))
         elif cfg.steps_per_expert is None:
             starts = tuple(range(0, total, steps_per_epoch))
         else:

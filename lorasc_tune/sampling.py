@@ -46,9 +46,12 @@ def build_dataloader(dataset: Dataset, cfg: Any, pad_id: int, ignore_idx: int, s
     """
     from torchtune.config._utils import _get_component_from_path
     from torchtune.data import padded_collate_packed
+    from torchtune.datasets import PackedDataset
 
     sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, num_replicas=num_replicas, rank=rank)
-    packed = getattr(dataset, "packed", False) or cfg.dataset.get("packed", False)
+    # torchtune's PackedDataset and ConcatDataset both say whether they are packed; a list of
+    # datasets in the config (a ConcatDataset) has no single ``packed`` key to read.
+    packed = getattr(dataset, "packed", False) or isinstance(dataset, PackedDataset)
     collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,

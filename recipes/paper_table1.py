@@ -48,6 +48,8 @@ from torchtune.config._utils import _merge_yaml_and_cli_args
 from lorasc_tune.config import LoRASCConfig
 from lorasc_tune.data import MissingDataError
 from lorasc_tune.data.mezo import resolve_file
+from lorasc_tune.data.mezo import load_split
+from lorasc_tune.plan import steps_per_epoch
 from lorasc_tune.io import atomic_write_text
 
 # This folder is on sys.path when the script runs (and the tests put it there): it has no
@@ -102,7 +104,7 @@ def _variant(name: str, label: str, row: str, adapter: str) -> Variant:
     full LoRASC); ``adapter`` picks LoRA / LoRA+ (lr_ratio_B 16) / DoRA. Every ``lorasc`` key is
     set, so a row never depends on what the task config happens to say."""
     ratio, dora = ADAPTERS[adapter]
-    lorasc = dict(ROWS[row], lr_ratio_B=ratio)
+    lorasc = dict(ROWS[row], num_experts=None, lr_ratio_B=ratio)
     overrides = [f"lorasc.{k}={_override_value(v)}" for k, v in lorasc.items()]
     overrides.append(f"model.use_dora={_override_value(dora)}")
     return Variant(name, label, tuple(overrides))
@@ -117,6 +119,19 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in (
     _variant("dora", "DoRA", "lora", "dora"),
     _variant("lorasc_dora", "DoRA + LoRASC", "noise", "dora"),
 )}
+# The sweep's default: Table 1's rows.
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+# Table 4's cascade frequency: LoRA + LoRASC with T experts spread evenly over the whole run
+# (5 epochs) instead of one per epoch. The paper spans 2 to 1250 experts; the values between are
+# our choice. Not in the default sweep: name them in --variants, e.g. lorasc_lora_T2,...
+EXPERT_COUNTS = (2, 5, 10, 50, 250, 1250)
+for _t in EXPERT_COUNTS:
+    _base = VARIANTS["lorasc_lora"]
+    VARIANTS[f"lorasc_lora_T{_t}"] = Variant(
+        f"lorasc_lora_T{_t}", f"LoRA + LoRASC, T = {_t}",
+        tuple(o for o in _base.overrides if not o.startswith("lorasc.num_experts="))
+        + (f"lorasc.num_experts={_t}",))
 
 
 # ---- cells ------------------------------------------------------------------------------------
@@ -159,7 +174,7 @@ class Sweep:
 
     sweep_dir: Path
     tasks: Sequence[str] = tuple(TASK_LABELS)
-    variants: Sequence[str] = tuple(VARIANTS)
+    variants: Sequence[str] = DEFAULT_VARIANTS
     seeds: Sequence[int] = DEFAULT_SEEDS
     lrs: Sequence[float] = DEFAULT_LRS
     config_dir: Path = DEFAULT_CONFIG_DIR
@@ -339,6 +354,13 @@ def check_sweep(sweep: Sweep) -> None:
     if not (sweep.tasks and sweep.variants and sweep.seeds and sweep.lrs):
         raise SweepError("the sweep is empty: --tasks, --variants, --seeds and --lrs each "
                          "need a value")
+    # A repeated value would make two cells one, and no seed would ever count as complete.
+    for flag, values in (("--tasks", sweep.tasks), ("--variants", sweep.variants),
+                         ("--seeds", [str(x) for x in sweep.seeds]),
+                         ("--lrs", [format_lr(x) for x in sweep.lrs])):
+        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise SweepError(f"{flag} repeats {', '.join(map(str, repeated))}")
     variant_keys = {o.split("=")[0] for v in VARIANTS.values() for o in v.overrides}
     for override in sweep.overrides:
         if "=" not in override and not override.startswith("~"):
@@ -348,14 +370,34 @@ def check_sweep(sweep: Sweep) -> None:
             raise SweepError(f"--override {override!r} sets {key}, which the sweep sets per cell "
                              f"or per method (use --seeds / --lrs / --sweep-dir / --variants)")
     for task in sweep.tasks:
+        steps = None
         for variant in sweep.variants:
             cfg = load_train_config(sweep.config_path(task), [*sweep.overrides,
                                                               *VARIANTS[variant].overrides])
             try:
-                LoRASCConfig.from_config(cfg.get("lorasc"))
+                lorasc = LoRASCConfig.from_config(cfg.get("lorasc"))
             except ValueError as e:
                 raise SweepError(f"{task} / {variant}: {e}") from e
+            if lorasc.num_experts is not None:  # Table 4: each expert needs a step
+                check_data_files(task, cfg.dataset)
+                steps = run_steps(task, cfg) if steps is None else steps
+                if lorasc.num_experts > steps:
+                    raise SweepError(
+                        f"{task} / {variant}: lorasc.num_experts={lorasc.num_experts}, but a "
+                        f"{task} run has only {steps} optimizer steps; every expert needs one")
         check_data_files(task, cfg.dataset)
+
+
+def run_steps(task: str, cfg: DictConfig) -> int:
+    """Optimizer steps of one run of ``task`` under ``cfg``: its MeZO train split's size (read
+    from the data file; the same for every seed) in whole batches, times the epochs."""
+    ds = cfg.dataset
+    rows = load_split(task, "train", seed=0, num_train=ds.num_train, num_dev=ds.get("num_dev"),
+                      num_eval=ds.num_eval, data_dir=ds.get("data_dir"),
+                      train_file=ds.get("train_file"))
+    per_epoch = steps_per_epoch(len(rows) // cfg.batch_size, cfg.gradient_accumulation_steps,
+                                cfg.get("max_steps_per_epoch"))
+    return per_epoch * cfg.epochs
 
 
 def check_data_files(task: str, cfg_dataset: DictConfig) -> None:
@@ -538,8 +580,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
                         help="where cells/, runs/ and table1.{md,json} go; rerun to resume")
     parser.add_argument("--tasks", type=_csv(str), default=list(TASK_LABELS),
                         help=f"comma-separated, default all: {','.join(TASK_LABELS)}")
-    parser.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
-                        help=f"comma-separated, default all: {','.join(VARIANTS)}")
+    parser.add_argument("--variants", type=_csv(str), default=list(DEFAULT_VARIANTS),
+                        help=f"comma-separated; default Table 1's rows "
+                             f"({','.join(DEFAULT_VARIANTS)}); also Table 4's cascade "
+                             f"frequencies: {','.join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)}")
     parser.add_argument("--seeds", type=_csv(int), default=list(DEFAULT_SEEDS))
     parser.add_argument("--lrs", type=_csv(float), default=list(DEFAULT_LRS),
                         help="learning-rate grid, selected per cell on validation "
@@ -552,7 +596,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
                         help="answer length for SQuAD / DROP / GSM8K (MeZO: 50)")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep each cell's merged models (about 13 GB per epoch for 7B)")
+                        help="keep each cell's final merged model (about 13.5 GB for 7B)")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failed cell, go on with the others (it reruns next time)")
     parser.add_argument("--dry-run", action="store_true",

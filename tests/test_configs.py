@@ -6,11 +6,13 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from shared_paths import REPO_ROOT
+from shared_paths import REPO_ROOT, require_shared
+from lorasc_tune._paths import shared_data_dir
 from lorasc_tune.config import LoRASCConfig
 
 LLM_CONFIGS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml")
                      if OmegaConf.load(p).get("lorasc") is not None)
+ALPACA_CONFIGS = [p for p in LLM_CONFIGS if p.name.startswith("llama2_7b_alpaca")]
 
 
 def test_there_are_configs_for_every_ablation_row_and_variant():
@@ -45,3 +47,21 @@ def test_committed_ablations_match_the_generator(tmp_path):
     for fresh in tmp_path.glob("*.yaml"):
         committed = REPO_ROOT / "configs" / "ablations" / fresh.name
         assert committed.read_text() == fresh.read_text(), fresh.name
+
+
+@pytest.mark.parametrize("path", ALPACA_CONFIGS, ids=lambda p: p.name)
+def test_alpaca_configs_train_on_the_plain_alpaca_prompt(path):
+    # torchtune's llama2_tokenizer defaults to the Llama-2 chat template, which would wrap every
+    # example in [INST] ... [/INST]; the InstructEval suite prompts without it.
+    from torchtune import config as tt_config
+
+    require_shared("llama2_tokenizer", "tokenizer.model")
+    require_shared("alpaca", "alpaca_tiny_100.json")
+    cfg = OmegaConf.load(path)
+    cfg.tokenizer.path = str(shared_data_dir() / "llama2_tokenizer" / "tokenizer.model")
+    tokenizer = tt_config.instantiate(cfg.tokenizer)
+    data = tt_config.instantiate(cfg.dataset, tokenizer, source="json", split="train",
+                                 data_files=str(shared_data_dir() / "alpaca" / "alpaca_tiny_100.json"))
+    text = tokenizer.decode(data[0]["tokens"])
+    assert text.startswith("Below is an instruction that describes a task")
+    assert "[INST]" not in text and "<<SYS>>" not in text

@@ -116,6 +116,25 @@ def test_bad_sweep_inputs_are_named(tmp_path):
         pt.check_sweep(pt.Sweep(tmp_path, tasks=["sst2"], config_dir=tmp_path))
     with pytest.raises(pt.SweepError, match="sst2: the train split .* does not exist"):
         pt.check_sweep(pt.Sweep(tmp_path, tasks=["sst2"], overrides=[f"dataset.data_dir={tmp_path}"]))
+    with pytest.raises(pt.SweepError, match="--lrs repeats 0.0001"):
+        pt.check_sweep(pt.Sweep(tmp_path, lrs=[1e-4, 0.0001]))
+    with pytest.raises(pt.SweepError, match="--seeds repeats 1"):
+        pt.check_sweep(pt.Sweep(tmp_path, seeds=[1, 1]))
+
+
+def test_cascade_frequency_variants_set_num_experts_and_fit_the_run(tmp_path):
+    require_shared("superglue", "CB", "train.jsonl")
+    cfg = pt.load_train_config(PAPER_CONFIGS / "llama2_7b_cb.yaml",
+                               list(pt.VARIANTS["lorasc_lora_T2"].overrides))
+    lorasc = LoRASCConfig.from_config(cfg.lorasc)
+    assert (lorasc.num_experts, lorasc.steps_per_expert, lorasc.slow_alpha, lorasc.noise_lambda) \
+        == (2, None, 0.5, 1.0)
+    assert "lorasc_lora_T2" not in pt.DEFAULT_VARIANTS  # Table 4 runs only when asked for
+    pt.check_sweep(pt.Sweep(tmp_path, tasks=["cb"], variants=["lorasc_lora_T2"]))
+    # CB: 250 train rows - 100 validation = 150 = 37 batches of 4 per epoch, x 5 epochs = 185.
+    with pytest.raises(pt.SweepError, match=r"cb / lorasc_lora_T250: lorasc\.num_experts=250, "
+                                            r"but a cb run has only 185 optimizer steps"):
+        pt.check_sweep(pt.Sweep(tmp_path, tasks=["cb"], variants=["lorasc_lora_T250"]))
 
 
 def test_a_crashed_cell_leaves_no_result_and_reruns_without_retraining(tmp_path):

@@ -28,3 +28,12 @@ def test_resume_position_must_fit_the_plan():
             plan.check_resume_position(step, expert=expert, expert_open=is_open)
     with pytest.raises(ValueError, match=r"had already finished"):
         plan.check_resume_position(8, expert=3, expert_open=False)
+
+
+def test_num_experts_spreads_boundaries_evenly():
+    plan = ExpertPlan.build(LoRASCConfig(num_experts=5), steps_per_epoch=4, epochs=3)
+    assert plan.starts == (0, 2, 4, 7, 9)  # k * 12 // 5
+    assert [plan.num_steps(k) for k in range(5)] == [2, 2, 3, 2, 3]
+    # Table 4's extremes over 5 epochs of 250 steps: 2 and 1250 experts.
+    assert ExpertPlan.build(LoRASCConfig(num_experts=2), 250, 5).starts == (0, 625)
+    assert ExpertPlan.build(LoRASCConfig(num_experts=1250), 250, 5).starts == tuple(range(1250))

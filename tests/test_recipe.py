@@ -177,6 +177,11 @@ BAD_INPUTS = [
     ({"lorasc.lr_ratio_B": 0}, LoRASCConfigError, r"lorasc\.lr_ratio_B"),
     ({"lorasc.slow_alpah": 0.5}, LoRASCConfigError, r"unknown key\(s\) in lorasc: lorasc\.slow_alpah"),
     ({"gradient_accumulation_steps": 0}, LoRASCConfigError, r"gradient_accumulation_steps must be"),
+    ({"log_every_n_steps": 0}, LoRASCConfigError, r"log_every_n_steps must be null or an integer"),
+    ({"lorasc.num_experts": 4, "lorasc.steps_per_expert": 3}, LoRASCConfigError,
+     r"lorasc\.num_experts=4 and lorasc\.steps_per_expert=3 both set the cascade frequency"),
+    # 3 epochs x 4 steps: 13 experts cannot each have a step. Caught once the data is built.
+    ({"lorasc.num_experts": 13}, ValueError, r"lorasc\.num_experts=13 is more than the run's 12"),
     ({"checkpointer.checkpoint_files": ["model-missing.safetensors"]}, FileNotFoundError,
      r"model-missing\.safetensors does not exist"),
     ({"tokenizer.path": "/nonexistent/tokenizer.model"}, FileNotFoundError, r"tokenizer\.path"),
@@ -322,3 +327,34 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_step(assets, tmp_path)
     assert state["global_step"] == 2
     for name, p in recipe._model.named_parameters():
         assert torch.isfinite(p).all(), name
+
+
+def test_num_experts_spreads_the_same_boundaries_as_steps_per_expert(assets, tmp_path):
+    # 12 steps: 4 experts start at k*12//4 = 0, 3, 6, 9, as an expert every 3 steps does.
+    a, b = tmp_path / "num", tmp_path / "every"
+    run_recipe(tiny_cfg(assets, a, **{"lorasc.num_experts": 4}))
+    run_recipe(tiny_cfg(assets, b, **{"lorasc.steps_per_expert": 3}))
+    experts = [m["expert"] for _, m in read_metrics(a) if "loss" in m]
+    assert experts == [1.0] * 3 + [2.0] * 3 + [3.0] * 3 + [4.0] * 3
+    expected = load_merged(b / "epoch_2", tmp_path / "r1")
+    got = load_merged(a / "epoch_2", tmp_path / "r2")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0, msg=k)
+
+
+def test_optional_empty_field_passes_and_a_list_of_datasets_trains(assets, tmp_path):
+    import json
+
+    rows = json.loads(Path(assets["data"]).read_text())[:48]
+    rows[3].pop("input", None)  # Alpaca's input is optional: the row is valid without it
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(rows))
+    one = {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json",
+           "data_files": str(part), "split": "train"}
+    out = tmp_path / "run"
+    cfg = tiny_cfg(assets, out, epochs=1, max_steps_per_epoch=None)
+    cfg.dataset = [one, dict(one)]  # a list: the recipe concatenates the datasets
+    recipe = run_recipe(cfg)
+    assert len(recipe._dataloader.dataset) == 96
+    assert recipe.global_step == 96 // 4
+    assert (out / "epoch_0" / "config.json").is_file()

@@ -80,7 +80,7 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         self.total_epochs = cfg.epochs
         self._grad_accum = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._log_every_n_steps = cfg.get("log_every_n_steps", None) or 1
         self._resume = cfg.get("resume_from_checkpoint", False)
         self.epochs_run = self.global_step = self._steps_done_in_epoch = 0
 

@@ -90,7 +90,7 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
             raise ValueError("fp16 is not supported (no gradient scaling); use fp32 or bf16")
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._log_every_n_steps = cfg.get("log_every_n_steps", None) or 1
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and \
             self._device.type == "cuda"
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)

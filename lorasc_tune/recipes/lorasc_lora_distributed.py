@@ -86,7 +86,7 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
         self._is_rank_zero = self.rank == 0
 
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._log_every_n_steps = cfg.get("log_every_n_steps", None) or 1
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False) and \
             self._device.type == "cuda"
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
