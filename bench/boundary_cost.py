@@ -126,6 +126,21 @@ def scaling(args) -> dict:
 
 # ---- model: a whole Llama-2 on one device -------------------------------------------------
 
+
+def _materialize_random(model, device) -> None:
+    """Allocate a meta-built model on ``device`` with random N(0, 0.02) weights (no download);
+    RoPE buffers are recomputed, as torchtune's recipes do after ``to_empty``."""
+    import torch
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    for m in model.modules():
+        if hasattr(m, "rope_init"):
+            m.rope_init()
+
+
 LLAMA2_7B = dict(vocab_size=32000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096,
                  intermediate_dim=11008, max_seq_len=4096, norm_eps=1e-5)
 LLAMA2_TINY = dict(LLAMA2_7B, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64,
@@ -156,13 +171,7 @@ def model_mode(args) -> dict:
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = lora_llama2(["q_proj", "v_proj"], lora_rank=8, lora_alpha=16, **shape)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
+    _materialize_random(model, device)
     set_trainable_params(model, get_adapter_params(model))
     if args.act_ckpt:
         from torchtune.modules import TransformerSelfAttentionLayer
@@ -267,13 +276,7 @@ def _fsdp_worker(repeats: int) -> None:
     set_trainable_params(model, get_adapter_params(model))
     training.shard_model(model, [partial(training.get_shard_conditions, names_to_match=None)],
                          cpu_offload=False)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            m.rope_init()
+    _materialize_random(model, "cpu")
     engine = CascadeEngine(model, LoRASCConfig(slow_alpha=0.5, noise_lambda=1.0), seed=0)
     engine.begin_expert()
     global_batch, seq = 4, 256
