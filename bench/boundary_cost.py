@@ -236,7 +236,9 @@ def model_mode(args) -> dict:
                  "tokens_per_s": args.batch * args.seq / step_s,
                  "step_peak_mb": step_peak,
                  "boundary_extra_peak_mb": max(extra) if extra else None,
-                 "adapted_matrices": len(engine.layers)}
+                 "adapted_matrices": len(engine.layers),
+                 # False where the policy changed nothing (an fp32 base keeps no master)
+                 "master_kept": any(m is not None for m in engine.master)}
         points.append(point)
         print(f"{policy:12s} step {step_s * 1e3:9.1f} ms  boundary {boundary_s * 1e3:9.1f} ms  "
               f"ratio {point['boundary_over_step']:.3f}  tok/s {point['tokens_per_s']:.0f}  "
@@ -345,7 +347,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     # model mode
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    # bf16 by default: with an fp32 base no policy keeps a master, so they would all be one.
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--shape", choices=["7b", "tiny"], default="tiny")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)

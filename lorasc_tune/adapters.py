@@ -55,8 +55,9 @@ class AdaptedLayer:
 
 # Wrappers that add a segment to module and parameter names but not to state-dict keys:
 # activation checkpointing (torch's CheckpointWrapper, which torchtune's
-# set_activation_checkpointing applies per layer) and a whole-module torch.compile.
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# set_activation_checkpointing applies per layer). A whole-module torch.compile's ``_orig_mod.``
+# is not one of them: it stays in the state-dict keys too (torchtune compiles layers in place).
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.",)
 
 
 def state_dict_name(name: str) -> str:

@@ -45,3 +45,5 @@ def test_boundary_cost_model_mode_smoke(tmp_path):
         assert p["adapted_matrices"] == 4  # 2 layers x (q, v)
         assert p["step_s"] > 0 and p["boundary_s"] > 0
         assert p["tokens_per_s"] == pytest.approx(4 * 32 / p["step_s"])
+    # bf16 by default, so the two rows really are two policies
+    assert [p["master_kept"] for p in result["points"]] == [False, True]

@@ -79,14 +79,15 @@ def test_noise_and_merges_do_not_depend_on_world_size(runs):
     assert (one[q] - base[q]).abs().max() > 1e-4  # the comparison is not vacuous
 
 
-@pytest.mark.parametrize("saved_by,resumed_by,step", [(2, 1, 5), (1, 2, 7)])
+# Steps 5 and 7 are mid-expert; step 6 is a boundary (expert 2 merged, expert 3 not begun).
+@pytest.mark.parametrize("saved_by,resumed_by,step", [(2, 1, 5), (1, 2, 7), (2, 1, 6)])
 def test_sharded_resume_on_another_world_size(runs, saved_by, resumed_by, step):
     """Resume a sharded state saved by N processes on M processes; reach the same weights."""
     tmp = runs["tmp"]
     src = runs[f"fsdp{saved_by}"]
     state = src / STATE_DIRNAME / f"step_{step:08d}"
     assert (state / "meta.pt").is_file()
-    out = tmp / f"resume_{saved_by}_to_{resumed_by}"
+    out = tmp / f"resume_{saved_by}_to_{resumed_by}_at_{step}"
     shutil.copytree(state, out / STATE_DIRNAME / state.name)
     cfg = tiny_cfg(runs["assets"], out, batch_size=4 // resumed_by, resume_from_checkpoint=True,
                    **COMMON)

@@ -119,6 +119,23 @@ def test_resume_reproduces_uninterrupted_run(assets, tmp_path, crash_at_step, la
     assert new_losses == pytest.approx(ref_losses, abs=1e-6)
 
 
+@pytest.mark.parametrize("crash_at_step", [4, 7])
+def test_resume_with_gradient_accumulation(assets, tmp_path, crash_at_step):
+    # Each expert begins at the first micro-batch of its first step; the states saved at the
+    # boundaries (steps 3 and 6) hold no open expert.
+    overrides = {"epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2,
+                 "lorasc.steps_per_expert": 3, "save_every_n_steps": 1}
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_recipe(tiny_cfg(assets, ref_out, **overrides))
+    run_recipe(tiny_cfg(assets, out, **overrides), crash_at_step=crash_at_step)
+    resumed = run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, **overrides))
+    assert resumed._engine.expert == 3 and not resumed._engine.expert_open
+    expected = load_merged(ref_out / "epoch_1", tmp_path / "r1")
+    got = load_merged(out / "epoch_1", tmp_path / "r2")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_lora_plus_ratio_holds_in_every_expert(assets, tmp_path):
     out = tmp_path / "run"
     recipe = run_recipe(tiny_cfg(assets, out, **{"lorasc.lr_ratio_B": 16.0}))

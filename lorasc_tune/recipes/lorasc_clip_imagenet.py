@@ -218,6 +218,7 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                     # The next expert begins here, not when the last one ended, so that the
                     # epoch's export and saved state hold the merged W without its noise.
                     self._start_expert()
+                    t0 = time.perf_counter()  # throughput counts training, not the boundary
                 images = images.to(self._device, non_blocking=True)
                 labels = labels.to(self._device, non_blocking=True)
                 logits = self._model(images)
@@ -278,6 +279,14 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
     def save_checkpoint(self, epoch: int) -> None:
         """Replace ``merged/`` with this epoch's merged model; save the state if not finished."""
         t0 = time.perf_counter()
+        # merged/ is the only export: never replace it (or the state) with broken weights. The
+        # head trains outside the engine, so it is checked here too.
+        self._engine.check_finite()
+        bad = [n for n, p in self._model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteLossError(f"non-finite values in {', '.join(bad[:5])} after epoch "
+                                     f"{epoch + 1}; nothing was saved")
         staging = self._output_dir / ".staging_merged"
         merged = merged_state_dict(self._model, self._engine.master_weights())
         save_classifier(merged, self._model.arch, self._class_ids,
@@ -285,7 +294,6 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         final = self._output_dir / "merged"
         replace_dir(staging, final)
         if self.epochs_run < self.total_epochs:
-            self._engine.check_finite()  # never replace the last good state with a broken one
             state = capture_training_state(
                 self._model, self._engine, self._optimizer, self._lr_scheduler or _NoScheduler(),
                 epochs_run=self.epochs_run, steps_done_in_epoch=0,

@@ -278,6 +278,7 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
                         # The next expert begins here, not when the last one ended, so that the
                         # epoch's export and saved state hold the merged W without its noise.
                         self._start_expert()
+                        t0 = time.perf_counter()  # throughput counts training, not the boundary
                     utils.batch_to_device(batch, self._device)
                     tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
                     # Sum of token losses, so accumulation normalises by all tokens at once.
