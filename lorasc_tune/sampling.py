@@ -49,8 +49,8 @@ def build_dataloader(dataset: Dataset, cfg: Any, pad_id: int, ignore_idx: int, s
     from torchtune.datasets import PackedDataset
 
     sampler = ResumableSampler(dataset, shuffle=cfg.shuffle, num_replicas=num_replicas, rank=rank)
-    # torchtune's PackedDataset and ConcatDataset both say whether they are packed; a list of
-    # datasets in the config (a ConcatDataset) has no single ``packed`` key to read.
+    # Read from the dataset, not the config: a list of datasets (a ConcatDataset, which has a
+    # ``packed`` attribute) has no single ``packed`` key; a PackedDataset is packed by type.
     packed = getattr(dataset, "packed", False) or isinstance(dataset, PackedDataset)
     collate = _get_component_from_path(cfg.get("collate_fn", "torchtune.data.padded_collate_sft"))
     loader = DataLoader(

@@ -370,7 +370,7 @@ def check_sweep(sweep: Sweep) -> None:
             raise SweepError(f"--override {override!r} sets {key}, which the sweep sets per cell "
                              f"or per method (use --seeds / --lrs / --sweep-dir / --variants)")
     for task in sweep.tasks:
-        steps = None
+        num_experts = {}
         for variant in sweep.variants:
             cfg = load_train_config(sweep.config_path(task), [*sweep.overrides,
                                                               *VARIANTS[variant].overrides])
@@ -378,14 +378,16 @@ def check_sweep(sweep: Sweep) -> None:
                 lorasc = LoRASCConfig.from_config(cfg.get("lorasc"))
             except ValueError as e:
                 raise SweepError(f"{task} / {variant}: {e}") from e
-            if lorasc.num_experts is not None:  # Table 4: each expert needs a step
-                check_data_files(task, cfg.dataset)
-                steps = run_steps(task, cfg) if steps is None else steps
-                if lorasc.num_experts > steps:
-                    raise SweepError(
-                        f"{task} / {variant}: lorasc.num_experts={lorasc.num_experts}, but a "
-                        f"{task} run has only {steps} optimizer steps; every expert needs one")
+            if lorasc.num_experts is not None:
+                num_experts[variant] = lorasc.num_experts
         check_data_files(task, cfg.dataset)
+        if num_experts:  # Table 4: every expert needs at least one step of the task's run
+            steps = run_steps(task, cfg)
+            for variant, t in num_experts.items():
+                if t > steps:
+                    raise SweepError(
+                        f"{task} / {variant}: lorasc.num_experts={t}, but a {task} run has only "
+                        f"{steps} optimizer steps; every expert needs one")
 
 
 def run_steps(task: str, cfg: DictConfig) -> int:

@@ -92,23 +92,30 @@ def test_tune_run_with_real_tokenizer_and_alpaca(tmp_path):
         torch.testing.assert_close(hf.eval()(tokens).logits, tt.eval()(tokens), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("crash_at_step,last_saved", [
-    (4, "after the expert boundary at step 3"),
-    (6, "mid-expert, at step 5"),
-    (5, "at the end of epoch 1 (step 4)"),
+ACCUMULATE = {"batch_size": 2, "gradient_accumulation_steps": 2}
+
+
+@pytest.mark.parametrize("crash_at_step,last_saved,extra", [
+    (4, "after the expert boundary at step 3", {}),
+    (6, "mid-expert, at step 5", {}),
+    (5, "at the end of epoch 1 (step 4)", {}),
+    # Each expert begins at the first micro-batch of its first step; the states saved at the
+    # boundaries (steps 3 and 6) hold no open expert.
+    (4, "after the boundary at step 3, 2 micro-batches per step", ACCUMULATE),
+    (7, "after the boundary at step 6, 2 micro-batches per step", ACCUMULATE),
 ])
-def test_resume_reproduces_uninterrupted_run(assets, tmp_path, crash_at_step, last_saved):
+def test_resume_reproduces_uninterrupted_run(assets, tmp_path, crash_at_step, last_saved, extra):
     # 2 epochs x 4 steps, an expert every 3 steps (boundaries mid-epoch), dropout on so
     # that RNG state matters, state saved every step.
     overrides = {"epochs": 2, "lorasc.steps_per_expert": 3, "save_every_n_steps": 1,
-                 "model.lora_dropout": 0.1}
+                 "model.lora_dropout": 0.1, **extra}
     ref_out = tmp_path / "uninterrupted"
     run_recipe(tiny_cfg(assets, ref_out, **overrides))
     out = tmp_path / "interrupted"
     crashed = run_recipe(tiny_cfg(assets, out, **overrides), crash_at_step=crash_at_step)
     assert crashed.global_step == crash_at_step - 1
     resumed = run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, **overrides))
-    assert resumed._engine.expert == 3
+    assert resumed._engine.expert == 3 and not resumed._engine.expert_open
 
     expected = load_merged(ref_out / "epoch_1", tmp_path / "r1")
     got = load_merged(out / "epoch_1", tmp_path / "r2")
@@ -117,23 +124,6 @@ def test_resume_reproduces_uninterrupted_run(assets, tmp_path, crash_at_step, la
     ref_losses = {s: m["loss"] for s, m in read_metrics(ref_out) if "loss" in m}
     new_losses = {s: m["loss"] for s, m in read_metrics(out) if "loss" in m}
     assert new_losses == pytest.approx(ref_losses, abs=1e-6)
-
-
-@pytest.mark.parametrize("crash_at_step", [4, 7])
-def test_resume_with_gradient_accumulation(assets, tmp_path, crash_at_step):
-    # Each expert begins at the first micro-batch of its first step; the states saved at the
-    # boundaries (steps 3 and 6) hold no open expert.
-    overrides = {"epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2,
-                 "lorasc.steps_per_expert": 3, "save_every_n_steps": 1}
-    ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    run_recipe(tiny_cfg(assets, ref_out, **overrides))
-    run_recipe(tiny_cfg(assets, out, **overrides), crash_at_step=crash_at_step)
-    resumed = run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, **overrides))
-    assert resumed._engine.expert == 3 and not resumed._engine.expert_open
-    expected = load_merged(ref_out / "epoch_1", tmp_path / "r1")
-    got = load_merged(out / "epoch_1", tmp_path / "r2")
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0, msg=k)
 
 
 def test_lora_plus_ratio_holds_in_every_expert(assets, tmp_path):
