@@ -21,6 +21,18 @@ pytest.importorskip("matplotlib")
 R, T = 4, 3  # tiny_cfg: lora_rank 4, 3 epochs of 4 steps, one expert per epoch
 WEIGHTS = "model-00001-of-00001.safetensors"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The boundary record's names: (mean key, per-layer prefix). Recipes log the width
+# λ·std(s·B_slow·A_slow) as noise_width; logs from before that rename call it noise_std.
+NEW_NAMES = ("noise_width_mean", "noise_width/")
+OLD_NAMES = ("noise_std_mean", "noise_std/")
+
+
+def boundary_names(records):
+    """The spelling a recipe's log uses (whichever version of the recipe wrote it)."""
+    for names in (NEW_NAMES, OLD_NAMES):
+        if any(names[0] in r for _, r in records):
+            return names
+    raise AssertionError("the log has no boundary record under either name")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +70,8 @@ def test_plots_and_numbers_match_the_run(runs):
 
     rows = log_records(run)
     train = [(s, r) for s, r in rows if "loss" in r]
-    starts = [(s, r) for s, r in rows if "noise_std_mean" in r]
+    mean_key, layer_prefix = boundary_names(rows)
+    starts = [(s, r) for s, r in rows if mean_key in r]
     assert data["train"]["step"] == [s for s, _ in train] == list(range(1, T * 4 + 1))
     assert data["train"]["loss"] == [r["loss"] for _, r in train]
     assert data["train"]["lr"] == [r["lr"] for _, r in train]
@@ -73,7 +86,7 @@ def test_plots_and_numbers_match_the_run(runs):
     assert data["noise"]["experts"] == [1, 2, 3]
     for e, (_, rec) in zip(data["noise"]["experts"], starts):
         for layer, values in data["noise"]["per_layer"].items():
-            assert values[e - 1] == rec[f"noise_std/{layer}"]
+            assert values[e - 1] == rec[f"{layer_prefix}{layer}"]
     assert set(data["noise"]["per_layer"]) == {f"layers.{i}.attn.{m}"
                                                for i in (0, 1) for m in ("q_proj", "v_proj")}
     assert all(v[0] == 0.0 and v[1] > 0 for v in data["noise"]["per_layer"].values())
@@ -135,19 +148,36 @@ def test_missing_inputs_are_named(runs, tmp_path, capsys):
         collect(bare, with_spectrum=False)
 
 
-def test_resumed_and_restarted_logs(tmp_path):
+def boundary_fields(spellings, mean, width):
+    """A boundary record's noise fields under each of ``spellings``."""
+    out = {}
+    for mean_key, prefix in spellings:
+        out.update({mean_key: mean, f"{prefix}layers.0.attn.q_proj": width})
+    return out
+
+
+SPELLINGS = {"new": [NEW_NAMES], "old": [OLD_NAMES], "both": [OLD_NAMES, NEW_NAMES]}
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_resumed_and_restarted_logs(tmp_path, spelling):
     """A resumed run's later log file supersedes the steps it repeats; a fresh start
-    (expert 1 logged again) supersedes every earlier file."""
+    (expert 1 logged again) supersedes every earlier file. Logs with the noise width under
+    its current name, its old name, or both read the same."""
     logs = tmp_path / "logs"
     logs.mkdir()
 
     def write(ts, lines):
         (logs / f"log_{ts}.txt").write_text("".join(line + "\n" for line in lines))
 
-    start = "Step {} | expert:{} noise_std_mean:{} noise_std/layers.0.attn.q_proj:{} "
+    def start(step, expert, mean, width):
+        fields = boundary_fields(SPELLINGS[spelling], mean, width)
+        return (f"Step {step} | expert:{expert} "
+                + " ".join(f"{k}:{v}" for k, v in fields.items()) + " ")
+
     step = "Step {} | loss:{} lr:0.1 expert:{} "
-    write(100, [start.format(0, 1, 0.0, 0.0)] + [step.format(s, 9.0, 1) for s in (1, 2, 3)]
-          + [start.format(3, 2, 0.5, 0.5), step.format(4, 9.0, 2)])
+    write(100, [start(0, 1, 0.0, 0.0)] + [step.format(s, 9.0, 1) for s in (1, 2, 3)]
+          + [start(3, 2, 0.5, 0.5), step.format(4, 9.0, 2)])
     write(200, [step.format(s, 1.0, 2) for s in (4, 5, 6)])  # resumed after step 3
     m = read_metrics(logs)
     assert m.step == [1, 2, 3, 4, 5, 6]
@@ -155,13 +185,15 @@ def test_resumed_and_restarted_logs(tmp_path):
     assert m.boundaries() == [{"expert": 1, "after_step": 0, "first_step": 1},
                               {"expert": 2, "after_step": 3, "first_step": 4}]
     assert m.noise == {1: {"layers.0.attn.q_proj": 0.0}, 2: {"layers.0.attn.q_proj": 0.5}}
-    write(300, [start.format(0, 1, 0.0, 0.0), step.format(1, 5.0, 1)])  # started over
+    write(300, [start(0, 1, 0.0, 0.0), step.format(1, 5.0, 1)])  # started over
     m = read_metrics(logs)
     assert m.step == [1] and m.series["loss"] == [5.0] and m.num_experts == 1
 
 
-def test_tensorboard_event_files(tmp_path):
-    """The same records written by torchtune's TensorBoardLogger read back the same way."""
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_tensorboard_event_files(tmp_path, spelling):
+    """The same records written by torchtune's TensorBoardLogger read back the same way,
+    under either name of the noise width (a record with both is still one expert start)."""
     pytest.importorskip("tensorboard")
     from torchtune.training.metric_logging import TensorBoardLogger
 
@@ -169,8 +201,8 @@ def test_tensorboard_event_files(tmp_path):
     for e, after in ((1, 0), (2, 2)):
         if e == 2:
             logger.log_dict({"loss": 3.0, "lr": 0.2, "expert": 1}, step=2)
-        logger.log_dict({"expert": e, "noise_std_mean": 0.1 * (e - 1),
-                         "noise_std/layers.0.attn.q_proj": 0.1 * (e - 1)}, step=after)
+        logger.log_dict({"expert": e, **boundary_fields(SPELLINGS[spelling], 0.1 * (e - 1),
+                                                        0.1 * (e - 1))}, step=after)
         if e == 1:
             logger.log_dict({"loss": 4.0, "lr": 0.1, "expert": 1}, step=1)
     logger.log_dict({"loss": 2.0, "lr": 0.3, "expert": 2}, step=3)
