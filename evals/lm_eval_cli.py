@@ -7,8 +7,12 @@
 
 lm-eval discovers models only through its registry, which it fills from its own package; a plain
 ``lm_eval`` process never imports ours. This wrapper imports the adapter (registering it), adds
-``--include_path evals/tasks`` unless one is given, runs lm-eval's CLI unchanged, and then, when
-``--output_path`` is set, writes the markdown table (:mod:`evals.report`) next to the results JSON.
+``--include_path evals/tasks`` unless one is given, and runs lm-eval's CLI with two changes to task
+loading (:mod:`evals.suite`): every requested task's data are checked before the model is built (a
+missing file stops the run at once with an error naming it and the setting to change), and a group
+whose optional dataset (DROP) is missing runs without that task, saying so in one line. When
+``--output_path`` is set it then writes the markdown table (:mod:`evals.report`) next to the results
+JSON.
 """
 
 from __future__ import annotations
@@ -36,16 +40,46 @@ def _output_path(argv: List[str]) -> Optional[str]:
     return None
 
 
+def _use_our_task_loading() -> None:
+    """Make lm-eval's CLI build our ``TaskManager`` and check the tasks' data right after it resolves
+    the task names (before the model is built). lm-eval 0.4.13 looks ``TaskManager`` up in
+    ``lm_eval.tasks`` when it processes the tasks, which is where it is replaced."""
+    import lm_eval.tasks
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from evals.suite import _lm_eval_task_manager_class, check_task_data
+
+    lm_eval.tasks.TaskManager = _lm_eval_task_manager_class()
+    process_tasks = EvaluatorConfig.process_tasks
+    if getattr(process_tasks, "_lorasc_checked", False):
+        return
+
+    def process_and_check(self, metadata=None):
+        manager = process_tasks(self, metadata)
+        names = [t for t in (self.tasks or []) if isinstance(t, str)]
+        check_task_data(names, manager.metadata or {}, manager)
+        return manager
+
+    process_and_check._lorasc_checked = True
+    EvaluatorConfig.process_tasks = process_and_check
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import evals.lm_adapter  # noqa: F401  (registers "lorasc")
     from lm_eval.__main__ import cli_evaluate
 
+    from evals.instructeval.paths import MissingDatasetError
     from evals.report import find_results, markdown_table, write_table
 
     args = _with_include_path(list(sys.argv[1:] if argv is None else argv))
     started = time.time()
     sys.argv = ["lm_eval"] + args
-    cli_evaluate()
+    _use_our_task_loading()
+    try:
+        cli_evaluate()
+    except MissingDatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     output = _output_path(args)
     if output:
         results = find_results(output, newer_than=started)

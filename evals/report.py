@@ -3,8 +3,8 @@
     python -m evals.report results_2025-01-01T00-00-00.json            # print the table
     python -m evals.report results.json --out table.md                 # also write it
 
-Rows are the suite's top-level tasks (MMLU, BBH, DROP, HumanEval, GSM8K) when present, then any
-other top-level task or group in the file. Scores are percentages with two decimals, the way the
+Rows are the suite's top-level tasks (MMLU, BBH, DROP, HumanEval, GSM8K = ``openinstruct_gsm8k``)
+when present, then any other top-level task or group in the file. Scores are percentages with two decimals, the way the
 paper's Table 2 prints them; ``N`` is the number of scored examples (after ``--limit``).
 """
 
@@ -24,7 +24,9 @@ KNOWN_ROWS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "instructeval_bbh": ("BBH", ("exact_match",)),
     "instructeval_drop": ("DROP", ("score", "em", "f1")),  # score: InstructEval's startswith
     "instructeval_humaneval": ("HumanEval", ("pass@1",)),
-    "instructeval_gsm8k": ("GSM8K", ("exact_match",)),
+    "openinstruct_gsm8k": ("GSM8K", ("exact_match",)),  # the paper's: open-instruct 8-shot direct
+    "instructeval_gsm8k": ("GSM8K (train-rationale shots)", ("exact_match",)),
+    "mezo_gsm8k": ("GSM8K (MeZO format, in-domain)", ("exact_match",)),
 }
 
 

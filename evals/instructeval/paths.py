@@ -28,8 +28,42 @@ DEFAULT_LOCATIONS = {
     "gsm8k": "gsm8k",                                # {train,test}.jsonl
 }
 
+#: Datasets a group may run without: a group that includes one whose file is missing skips that task
+#: with one line saying how to add it; asked for on its own, the task stops with the error instead.
+#: Value: why it may be missing.
+OPTIONAL_DATASETS = {"drop": "DROP is not in the project's shared data"}
+
+#: What to point each dataset's setting at.
+_EXPECTED = {
+    "mmlu": "the MMLU folder (dev/ and test/ csv files)",
+    "bbh": "the BIG-Bench-Hard folder of <task>.json files",
+    "drop": "DROP's drop_dataset_dev.json",
+    "humaneval": "HumanEval.jsonl.gz",
+    "gsm8k": "the GSM8K folder (train.jsonl, test.jsonl)",
+}
+
 #: Every key the tasks read from metadata / --model_args.
 TASK_OPTION_KEYS = frozenset({"data_dir"} | {f"{name}_path" for name in DEFAULT_LOCATIONS})
+
+
+class MissingDatasetError(FileNotFoundError):
+    """A task's data file is not where its settings point; names the dataset, the path and the
+    settings that would change it. ``optional`` marks a dataset a group may skip."""
+
+    def __init__(self, dataset: str, path: Path) -> None:
+        self.dataset, self.path = dataset, Path(path)
+        self.optional = dataset in OPTIONAL_DATASETS
+        why = f" ({OPTIONAL_DATASETS[dataset]})" if self.optional else ""
+        super().__init__(
+            f"InstructEval {dataset}: {path} not found{why}. Set {env_var(dataset)} (or {dataset}_path= "
+            f"in --model_args/--metadata) to {_EXPECTED[dataset]}, or {DATA_ROOT_ENV} (or data_dir=) "
+            f"to a folder holding {DEFAULT_LOCATIONS[dataset]}"
+        )
+
+    def how_to_add(self) -> str:
+        """One sentence: how to make the dataset available."""
+        return (f"set {env_var(self.dataset)} (or {self.dataset}_path= in --model_args/--metadata) to "
+                f"{_EXPECTED[self.dataset]} to include it")
 
 
 def env_var(name: str) -> str:
@@ -43,15 +77,19 @@ def data_root(options: Mapping[str, Any]) -> Path:
 
 
 def dataset_path(name: str, options: Mapping[str, Any] | None = None) -> Path:
-    """Resolved path of dataset ``name``; raises ``FileNotFoundError`` naming the path and the
-    settings that would change it when nothing is there."""
+    """Resolved path of dataset ``name``; raises :class:`MissingDatasetError` (a
+    ``FileNotFoundError``) naming the path and the settings that would change it when nothing is
+    there."""
+    path = configured_path(name, options)
+    if not path.exists():
+        raise MissingDatasetError(name, path)
+    return path
+
+
+def configured_path(name: str, options: Mapping[str, Any] | None = None) -> Path:
+    """Where dataset ``name`` is looked for (whether or not anything is there)."""
+    if name not in DEFAULT_LOCATIONS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DEFAULT_LOCATIONS)}")
     options = options or {}
     explicit = options.get(f"{name}_path") or os.environ.get(env_var(name))
-    path = Path(explicit) if explicit else data_root(options) / DEFAULT_LOCATIONS[name]
-    if not path.exists():
-        raise FileNotFoundError(
-            f"InstructEval {name}: {path} not found. Set {env_var(name)} (or {name}_path= in "
-            f"--model_args/--metadata) to the file, or {DATA_ROOT_ENV} (or data_dir=) to a folder "
-            f"holding {DEFAULT_LOCATIONS[name]}"
-        )
-    return path
+    return Path(explicit) if explicit else data_root(options) / DEFAULT_LOCATIONS[name]

@@ -18,7 +18,7 @@ import pytest
 DROP_FIXTURE = Path(__file__).parent / "fixtures" / "drop" / "drop_dataset_dev.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIVE = ["instructeval_mmlu_anatomy", "instructeval_bbh_navigate", "instructeval_drop",
-        "instructeval_humaneval", "instructeval_gsm8k"]
+        "instructeval_humaneval", "openinstruct_gsm8k"]
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_python_api_offline(tiny_ckpt_32k, llama2_tokenizer_path, shared_data, o
     assert 0.0 <= res["instructeval_mmlu_anatomy"]["acc,none"] <= 1.0
     assert {"score,none", "em,none", "f1,none"} <= set(res["instructeval_drop"])
     assert "pass@1,exec" in res["instructeval_humaneval"]
-    assert "exact_match,none" in res["instructeval_gsm8k"]
+    assert "exact_match,none" in res["openinstruct_gsm8k"]
     assert all(results["n-samples"][t]["effective"] == 2 for t in FIVE)
     rows = [line for line in results["markdown"].splitlines()[2:] if line]
     assert [r.split("|")[1].strip() for r in rows[:3]] == ["DROP", "HumanEval", "GSM8K"]
@@ -115,7 +115,7 @@ def test_tune_run_eval_recipe(demo_like_checkpoint, shared_data, tmp_path):
     ckpt, tokenizer = demo_like_checkpoint
     cmd = [str(Path(sys.executable).parent / "tune"), "run", "lorasc_tune/recipes/lorasc_eval.py",
            "--config", "configs/lorasc_eval.yaml", f"checkpoint_dir={ckpt}", f"tokenizer_path={tokenizer}",
-           "tasks=[instructeval_gsm8k,instructeval_drop]", "limit=2", "device=cpu",
+           "tasks=[openinstruct_gsm8k,instructeval_drop]", "limit=2", "device=cpu",
            "max_gen_toks_override=4", f"output_dir={tmp_path / 'eval'}", f"data.drop_path={DROP_FIXTURE}"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_offline_subprocess_env(), capture_output=True,
                           text=True, timeout=600)

@@ -36,14 +36,14 @@ def test_instructeval_group_assembles(shared_data, offline_env):
     mmlu = [t for t in tasks if t.startswith("instructeval_mmlu_")]
     bbh = [t for t in tasks if t.startswith("instructeval_bbh_")]
     assert len(mmlu) == 57 and len(bbh) == 27
-    assert {"instructeval_drop", "instructeval_humaneval", "instructeval_gsm8k"} <= set(tasks)
+    assert {"instructeval_drop", "instructeval_humaneval", "openinstruct_gsm8k"} <= set(tasks)
     assert len(tasks) == 57 + 27 + 3
     assert tasks["instructeval_humaneval"].UNSAFE_CODE
-    assert not getattr(tasks["instructeval_gsm8k"], "UNSAFE_CODE", False)
+    assert not getattr(tasks["openinstruct_gsm8k"], "UNSAFE_CODE", False)
     assert all(t.config.num_fewshot == 0 for t in tasks.values())  # shots are in the prompts
     shots = {name: tasks[name].config.metadata["shots"] for name in
              ("instructeval_mmlu_anatomy", "instructeval_bbh_navigate", "instructeval_drop",
-              "instructeval_humaneval", "instructeval_gsm8k")}
+              "instructeval_humaneval", "openinstruct_gsm8k")}
     assert list(shots.values()) == [5, 3, 3, 0, 8]
     gen = tasks["instructeval_mmlu_anatomy"].config.generation_kwargs
     assert gen["max_gen_toks"] == 2 and gen["until"] == []

@@ -20,6 +20,7 @@ from typing import Any
 
 import datasets
 
+import evals  # noqa: F401  (quiets lm-eval's per-task custom-dataset notice for our tasks)
 from lorasc_tune.data.metrics import gsm8k_exact_match, max_exact_match, max_f1
 from lorasc_tune.data.mezo import load_rows, load_split
 from lorasc_tune.data.templates import render
