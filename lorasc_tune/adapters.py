@@ -151,11 +151,14 @@ def fold_adapters_in_state_dict(state: Dict[str, torch.Tensor],
 
 
 def merged_state_dict(model: nn.Module,
-                      base_weights: Optional[Dict[str, torch.Tensor]] = None
+                      base_weights: Optional[Dict[str, torch.Tensor]] = None,
+                      state: Optional[Dict[str, torch.Tensor]] = None
                       ) -> Dict[str, torch.Tensor]:
-    """The (unsharded) model's state dict with every adapter folded in, on CPU.
+    """The model's state dict with every adapter folded in, on CPU.
 
     Args:
+        state: the model's full state dict where the model itself is sharded (FSDP2: gathered
+            on rank 0 by the caller); default ``model.state_dict()``.
         base_weights: optional ``{"<layer>.weight": full-precision W}`` that replace the
             model's own base weights in the fold, e.g. the engine's fp32 masters
             (:meth:`CascadeEngine.master_weights`): a QLoRA export then folds from the
@@ -163,7 +166,7 @@ def merged_state_dict(model: nn.Module,
             fp32 master rounds once, at the end. Each folded weight is stored in the dtype the
             model's state dict has for it (bf16 for a bf16 or QLoRA model).
     """
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
     dtypes = {}
     for key, master in (base_weights or {}).items():
         if key not in state:

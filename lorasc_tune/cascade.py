@@ -344,6 +344,20 @@ class CascadeEngine:
                 if m is not None}
 
 
+    def full_master_weights(self) -> Dict[str, torch.Tensor]:
+        """Like :meth:`master_weights`, but whole matrices on CPU: collective under FSDP2.
+
+        Every rank must call it (each master's rows are gathered one matrix at a time); the
+        export on rank 0 folds from the result.
+        """
+        out = {}
+        for layer, m in zip(self.layers, self.master):
+            if m is not None:
+                out[f"{layer.name}.weight"] = _gather_rows(m.to(_local_rows(layer.weight)[0].device),
+                                                           layer.weight).cpu()
+        return out
+
+
 def _wrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return as_dtensor_like(local, like) if is_dtensor(like) else local
 

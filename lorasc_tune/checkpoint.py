@@ -13,68 +13,61 @@ atomically: a crash during a save leaves the previous state intact.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from lorasc_tune.adapters import parameters_by_state_dict_name
 from lorasc_tune.cascade import CascadeEngine
+
+if TYPE_CHECKING:
+    from lorasc_tune.driver import Cascade
 from lorasc_tune.io import atomic_torch_save
 
 STATE_DIRNAME = "lorasc_state"
 STATE_FILENAME = "training_state.pt"
-TRAINING_STATE_VERSION = 1
+# 2: the cascade driver's state (position, run shape, per-expert losses) replaced the
+# recipes' epoch counters.
+TRAINING_STATE_VERSION = 2
 
 
 def training_state_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / STATE_DIRNAME / STATE_FILENAME
 
 
-def capture_training_state(
-    model: nn.Module,
-    engine: CascadeEngine,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    *,
-    epochs_run: int,
-    steps_done_in_epoch: int,
-    global_step: int,
-    seed: int,
-    extra: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
+def capture_training_state(model: nn.Module, cascade: "Cascade", *, seed: int) -> Dict[str, Any]:
     """Everything needed to continue a run bit-for-bit, as CPU tensors.
 
     ``base`` holds the current (noised and merged) weight of every adapted layer that has
     no fp32 master; where the engine keeps one (NF4 bases, ``merge_precision: fp32_master``),
     the master is saved in the engine state instead and ``W`` is re-derived from it on
     restore, exactly. ``trainable`` holds every parameter with ``requires_grad`` (the fast
-    expert, DoRA magnitudes, any head).
+    expert, DoRA magnitudes, any head). The cascade's own share (engine, optimizer, schedule,
+    position) comes from :meth:`Cascade.state_dict`, which refuses a non-finite expert.
     """
+    engine = cascade.engine
     masters = engine.master_weights()
     state = {
         "version": TRAINING_STATE_VERSION,
+        **cascade.state_dict(),
         "base": {f"{l.name}.weight": l.weight.detach().cpu().clone() for l in engine.layers
                  if f"{l.name}.weight" not in masters},
         "trainable": {n: p.detach().cpu().clone()
                       for n, p in parameters_by_state_dict_name(model).items() if p.requires_grad},
-        "engine": engine.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "epochs_run": epochs_run,
-        "steps_done_in_epoch": steps_done_in_epoch,
-        "global_step": global_step,
         "seed": seed,
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    state.update(extra or {})
     return state
 
 
-def save_training_state(output_dir: str | Path, state: Dict[str, Any]) -> Path:
+def save_training_state(output_dir: str | Path, model: nn.Module, cascade: "Cascade", *,
+                        seed: int) -> Path:
+    """Capture and atomically write the training state; marks the cascade as saved."""
     path = training_state_path(output_dir)
-    atomic_torch_save(state, path)
+    atomic_torch_save(capture_training_state(model, cascade, seed=seed), path)
+    cascade.saved_once = True
     return path
 
 
@@ -93,15 +86,15 @@ def load_training_state(output_dir: str | Path) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def restore_model_state(model: nn.Module, engine: CascadeEngine, state: Dict[str, Any]) -> None:
-    """Put the saved base of adapted layers, the trainable parameters and the engine back."""
+def restore_training_state(model: nn.Module, cascade: "Cascade", state: Dict[str, Any]) -> None:
+    """Put the saved base of adapted layers, the trainable parameters and the cascade back."""
     params = parameters_by_state_dict_name(model)
     for name, value in {**state["base"], **state["trainable"]}.items():
         if name not in params:
             raise KeyError(f"training state has {name!r}, which the model does not have; "
                            f"was the model config changed since the run was saved?")
         params[name].copy_(value)
-    engine.load_state_dict(state["engine"])
+    cascade.load_state_dict(state)
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -139,9 +132,8 @@ def latest_sharded_state(output_dir: str | Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def save_sharded_training_state(output_dir: str | Path, model: nn.Module, engine: CascadeEngine,
-                                optimizer: torch.optim.Optimizer, meta: Dict[str, Any],
-                                keep_last: int = 1) -> Path:
+def save_sharded_training_state(output_dir: str | Path, model: nn.Module, cascade: "Cascade",
+                                *, seed: int, keep_last: int = 1) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
     import shutil
 
@@ -151,28 +143,29 @@ def save_sharded_training_state(output_dir: str | Path, model: nn.Module, engine
 
     rank = dist.get_rank()
     root = Path(output_dir) / STATE_DIRNAME
-    final = root / f"{SHARDED_PREFIX}{meta['global_step']:08d}"
+    final = root / f"{SHARDED_PREFIX}{cascade.global_step:08d}"
     staging = root / f".{final.name}.tmp"
+    # A fresh expert's optimizer has no state yet. get_optimizer_state_dict would create it by
+    # taking a zero-gradient step, which advances Adam's step count and so changes its bias
+    # correction; save "no state" instead (every rank sees the same emptiness).
+    optim = None
+    if cascade.optimizer is not None and cascade.optimizer.state:
+        optim = get_optimizer_state_dict(
+            model, cascade.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    meta = cascade.state_dict(optimizer_state=optim)  # refuses a non-finite expert first
     if rank == 0:
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     dist.barrier()
-    engine_state = engine.state_dict()
-    dcp.save(_sharded_tensors(model, engine, engine_state.pop("slow")), checkpoint_id=str(staging))
-    # A fresh expert's optimizer has no state yet. get_optimizer_state_dict would create it by
-    # taking a zero-gradient step, which advances Adam's step count and so changes its bias
-    # correction; save "no state" instead (every rank sees the same emptiness).
-    optim = None
-    if optimizer.state:
-        optim = get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save(_sharded_tensors(model, cascade.engine, meta["engine"].pop("slow")),
+             checkpoint_id=str(staging))
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, torch.get_rng_state())
     if rank == 0:
-        torch.save({**meta, "version": TRAINING_STATE_VERSION, "engine": engine_state,
-                    "optimizer": optim, "rng": rng, "world_size": dist.get_world_size()},
-                   staging / "meta.pt")
+        torch.save({**meta, "version": TRAINING_STATE_VERSION, "seed": seed, "rng": rng,
+                    "world_size": dist.get_world_size()}, staging / "meta.pt")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -181,15 +174,15 @@ def save_sharded_training_state(output_dir: str | Path, model: nn.Module, engine
         for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
     dist.barrier()
+    cascade.saved_once = True
     return final
 
 
-def load_sharded_training_state(path: Path, model: nn.Module, engine: CascadeEngine
+def load_sharded_training_state(path: Path, model: nn.Module, cascade: "Cascade"
                                 ) -> Dict[str, Any]:
-    """Collective: load the tensors into the (sharded) model and engine; return the meta dict.
+    """Collective: load the tensors into the (sharded) model and the cascade; return the meta.
 
-    The optimizer state is returned in ``meta["optimizer"]`` (full, as saved) for the caller to
-    load into the freshly built optimizer with :func:`load_full_optimizer_state`.
+    The optimizer state (saved full) is loaded into the open expert's fresh optimizer.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -199,6 +192,7 @@ def load_sharded_training_state(path: Path, model: nn.Module, engine: CascadeEng
     meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
     if meta.get("version") != TRAINING_STATE_VERSION:
         raise ValueError(f"{path}: training state version {meta.get('version')} is not supported")
+    engine = cascade.engine
     slow = {}
     for layer in engine.layers:
         for key, like in (("slow_A", layer.lora_a), ("slow_B", layer.lora_b)):
@@ -210,7 +204,9 @@ def load_sharded_training_state(path: Path, model: nn.Module, engine: CascadeEng
             slow[f"{layer.name}.master"] = as_dtensor_like(torch.zeros_like(master), layer.weight)
     tensors = _sharded_tensors(model, engine, slow)
     dcp.load(tensors, checkpoint_id=str(path))
-    engine.load_state_dict({**meta["engine"], "slow": tensors["slow"]})
+    meta["engine"]["slow"] = tensors["slow"]
+    cascade.load_state_dict(meta, load_optimizer=lambda optimizer, full: load_full_optimizer_state(
+        model, optimizer, full))
     rank, world = dist.get_rank(), dist.get_world_size()
     if meta["world_size"] == world:
         torch.set_rng_state(meta["rng"][rank])

@@ -75,7 +75,7 @@ def run_recipe(cfg, crash_at_step: int | None = None) -> LoRASCRecipeSingleDevic
         inner = recipe._loss_step
 
         def loss_step(batch):
-            if recipe.global_step + 1 == crash_at_step:
+            if recipe._cascade.global_step + 1 == crash_at_step:
                 raise KeyboardInterrupt(f"simulated crash in step {crash_at_step}")
             return inner(batch)
 

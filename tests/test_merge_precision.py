@@ -253,7 +253,7 @@ def test_qlora_recipe_merges_into_the_master_and_exports_full_precision(qlora_as
 
     out = tmp_path / "run"
     recipe = run_recipe(qlora_cfg(qlora_assets, out, **{"model.use_dora": use_dora}))
-    engine = recipe._engine
+    engine = recipe._cascade.engine
     assert engine.expert == 3 and len(engine.master_weights()) == 4  # q, v in 2 layers
     merged = load_merged(out / "epoch_2", tmp_path / "reload")
     for layer in engine.layers:
@@ -279,7 +279,7 @@ def test_qlora_resume_is_exact(qlora_assets, tmp_path):
     out = tmp_path / "crashed"
     run_recipe(qlora_cfg(qlora_assets, out, **overrides), crash_at_step=3)
     resumed = run_recipe(qlora_cfg(qlora_assets, out, resume_from_checkpoint=True, **overrides))
-    assert resumed._engine.expert == 4
+    assert resumed._cascade.engine.expert == 4
     expected = load_merged(tmp_path / "ref" / "epoch_1", tmp_path / "r1")
     got = load_merged(out / "epoch_1", tmp_path / "r2")
     for k in expected:

@@ -12,7 +12,7 @@ from torchtune.models.llama2 import llama2
 from shared_paths import REPO_ROOT, require_shared
 from lorasc_tune.checkpoint import training_state_path
 from lorasc_tune.config import LoRASCConfigError
-from lorasc_tune.recipes.lorasc_lora import NonFiniteLossError
+from lorasc_tune.errors import NonFiniteLossError
 from recipe_utils import TINY_ARGS, load_merged, make_assets, read_metrics, run_recipe, tiny_cfg
 
 
@@ -31,7 +31,7 @@ def plain_model_from(state):
 def test_export_loads_in_stock_checkpointer_and_matches_logits(assets, tmp_path, use_dora):
     out = tmp_path / "run"
     recipe = run_recipe(tiny_cfg(assets, out, **{"model.use_dora": use_dora}))
-    assert recipe._engine.expert == 3 and not recipe._engine.expert_open
+    assert recipe._cascade.engine.expert == 3 and not recipe._cascade.engine.expert_open
     for epoch in range(3):
         assert (out / f"epoch_{epoch}" / "config.json").is_file()
     assert not (out / ".staging" / "epoch_2").exists()
@@ -113,9 +113,9 @@ def test_resume_reproduces_uninterrupted_run(assets, tmp_path, crash_at_step, la
     run_recipe(tiny_cfg(assets, ref_out, **overrides))
     out = tmp_path / "interrupted"
     crashed = run_recipe(tiny_cfg(assets, out, **overrides), crash_at_step=crash_at_step)
-    assert crashed.global_step == crash_at_step - 1
+    assert crashed._cascade.global_step == crash_at_step - 1
     resumed = run_recipe(tiny_cfg(assets, out, resume_from_checkpoint=True, **overrides))
-    assert resumed._engine.expert == 3 and not resumed._engine.expert_open
+    assert resumed._cascade.engine.expert == 3 and not resumed._cascade.engine.expert_open
 
     expected = load_merged(ref_out / "epoch_1", tmp_path / "r1")
     got = load_merged(out / "epoch_1", tmp_path / "r2")
@@ -134,14 +134,15 @@ def test_lora_plus_ratio_holds_in_every_expert(assets, tmp_path):
     for m in rows:
         assert m["lr_B"] == pytest.approx(16.0 * m["lr"], rel=1e-9)
     assert any(m["lr"] > 0 for m in rows)
-    names = [g["name"] for g in recipe._optimizer.param_groups]
+    names = [g["name"] for g in recipe._cascade.optimizer.param_groups]
     assert names == ["base", "lora_b"]
-    assert all(p.shape[1] == 4 for p in recipe._optimizer.param_groups[1]["params"])  # [d_out, r]
+    assert all(p.shape[1] == 4 for p in recipe._cascade.optimizer.param_groups[1]["params"])  # [d_out, r]
 
 
 def test_dora_magnitude_initialised_once_and_carried(assets, tmp_path, monkeypatch):
-    import lorasc_tune.recipes.lorasc_lora as recipe_module
+    import lorasc_tune.driver as recipe_module  # the driver initialises DoRA magnitudes
     from lorasc_tune.cascade import CascadeEngine
+    from lorasc_tune.config import LoRASCConfig
 
     calls = []
     init = recipe_module.init_dora_magnitudes
@@ -149,7 +150,7 @@ def test_dora_magnitude_initialised_once_and_carried(assets, tmp_path, monkeypat
     def counting_init(model):
         init(model)
         # DoRA's initialisation: the magnitude equals the row norms of W (B = 0 here).
-        for layer in CascadeEngine(model, recipe_module.LoRASCConfig(), 0).layers:
+        for layer in CascadeEngine(model, LoRASCConfig(), 0).layers:
             torch.testing.assert_close(layer.module.magnitude, torch.linalg.norm(layer.weight, dim=1))
         calls.append(1)
 
@@ -169,8 +170,8 @@ def test_dora_magnitude_initialised_once_and_carried(assets, tmp_path, monkeypat
     assert len(calls) == 1  # only before the first expert
     assert carried == [True, True]
     # The magnitude trained: it moved away from the row norms it started from.
-    mag = recipe._engine.layers[0].module.magnitude
-    assert not torch.allclose(mag, torch.linalg.norm(recipe._engine.layers[0].weight, dim=1))
+    mag = recipe._cascade.engine.layers[0].module.magnitude
+    assert not torch.allclose(mag, torch.linalg.norm(recipe._cascade.engine.layers[0].weight, dim=1))
 
 
 BAD_INPUTS = [
@@ -230,10 +231,10 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_state(assets, tmp_pat
 
     def loss_step(batch):
         loss = inner(batch)
-        return loss * float("nan") if recipe.global_step == 2 else loss
+        return loss * float("nan") if recipe._cascade.global_step == 2 else loss
 
     recipe._loss_step = loss_step
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 3 \(epoch 1, expert 1\)"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 3 \(epoch 0, expert 1\)"):
         recipe.train()
     state = torch.load(training_state_path(out), weights_only=False)
     assert state["global_step"] == 2
@@ -327,7 +328,7 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_step(assets, tmp_path)
     recipe = LoRASCRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     lora_a = recipe._model.layers[0].attn.q_proj.lora_a.weight
-    lora_a.register_hook(lambda g: g * float("nan") if recipe.global_step == 2 else g)
+    lora_a.register_hook(lambda g: g * float("nan") if recipe._cascade.global_step == 2 else g)
     with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan at global step 3"):
         recipe.train()
     state = torch.load(training_state_path(out), weights_only=False)
@@ -363,5 +364,5 @@ def test_optional_empty_field_passes_and_a_list_of_datasets_trains(assets, tmp_p
     cfg.dataset = [one, dict(one)]  # a list: the recipe concatenates the datasets
     recipe = run_recipe(cfg)
     assert len(recipe._dataloader.dataset) == 96
-    assert recipe.global_step == 96 // 4
+    assert recipe._cascade.global_step == 96 // 4
     assert (out / "epoch_0" / "config.json").is_file()

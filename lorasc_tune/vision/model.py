@@ -35,6 +35,7 @@ from torchtune.modules import (
 )
 from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.modules.vision_transformer import CLSProjection, VisionTransformer
+from lorasc_tune.adapters import init_dora_magnitudes
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -165,17 +166,9 @@ def clip_vision_lora(
         tower.ln_pre.eps = tower.ln_post.eps = norm_eps
     if use_dora and not any(p.is_meta for p in tower.parameters()):
         # Magnitudes must match the (random) base now; the loader re-initialises them after
-        # real weights arrive (see init_dora_magnitudes).
+        # real weights arrive (see lorasc_tune.adapters.init_dora_magnitudes).
         init_dora_magnitudes(tower)
     return tower
-
-
-@torch.no_grad()
-def init_dora_magnitudes(model: nn.Module) -> None:
-    """Set every DoRA magnitude to the row norm of its current base weight (call after loading)."""
-    for m in model.modules():
-        if isinstance(m, DoRALinear):
-            m.initialize_dora_magnitude()
 
 
 def clip_vit_bigg14(

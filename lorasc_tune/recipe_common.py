@@ -1,0 +1,199 @@
+"""Pieces every LoRASC recipe shares, written once: reading inputs, the micro-batch loop, the
+LLM loss, exporting through a torchtune checkpointer, and the entry point's error handling.
+
+The recipes in ``lorasc_tune/recipes/`` read top to bottom like torchtune's; what they have in
+common lives here (and the cascade itself in :class:`lorasc_tune.driver.Cascade`), so a fork
+of a recipe needs only ``lorasc_tune`` installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch.utils.data import ConcatDataset
+from tqdm import tqdm
+
+from lorasc_tune.cascade import NonFiniteExpertError
+from lorasc_tune.config import check_checkpoint_files, check_dataset_rows, check_tokenizer_file
+from lorasc_tune.driver import Cascade
+from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
+from lorasc_tune.io import replace_dir
+
+
+def device_and_dtype(cfg: DictConfig) -> Tuple[torch.device, torch.dtype]:
+    """The run's device and dtype; fp16 is refused (the recipes have no gradient scaling)."""
+    from torchtune import training, utils
+
+    device = utils.get_device(device=cfg.device)
+    dtype = training.get_dtype(cfg.dtype, device=device)
+    if dtype == torch.float16:
+        raise ValueError("dtype: fp16 is not supported (no gradient scaling); use fp32 or bf16")
+    return device, dtype
+
+
+def read_llm_inputs(cfg: DictConfig) -> Tuple[Any, Any, Any]:
+    """Check and load what an LLM run reads before it writes anything.
+
+    Returns:
+        ``(tokenizer, loss_fn, dataset)``; every dataset row has been transformed once, so a
+        bad row fails here, naming it (unless ``validate_dataset: false``).
+    """
+    from torchtune import config
+
+    check_checkpoint_files(cfg.checkpointer)
+    check_tokenizer_file(cfg.tokenizer)
+    tokenizer = config.instantiate(cfg.tokenizer)
+    loss_fn = config.instantiate(cfg.loss)
+    if isinstance(cfg.dataset, ListConfig):
+        dataset = ConcatDataset([config.instantiate(c, tokenizer) for c in cfg.dataset])
+    else:
+        dataset = config.instantiate(cfg.dataset, tokenizer)
+    if cfg.get("validate_dataset", True):
+        check_dataset_rows(dataset)
+    return tokenizer, loss_fn, dataset
+
+
+def optimizer_steps(loader: Any, sampler: Any, cascade: Cascade, epoch: int,
+                    grad_accum: int, show_progress: bool = True) -> Iterator[List[Any]]:
+    """The micro-batches of each optimizer step of ``epoch`` still to do, as lists.
+
+    A resumed epoch starts where the saved state stopped: the sampler skips the samples of
+    the steps already done (``cascade.steps_done_in_epoch``), so the data order matches an
+    uninterrupted run. Incomplete accumulation groups at the end of an epoch are dropped, as
+    :func:`lorasc_tune.plan.steps_per_epoch` counts. Shows a progress bar with the cascade's
+    position and the last step's loss.
+    """
+    skip = cascade.steps_done_in_epoch if cascade.epoch == epoch else 0
+    sampler.set_epoch(epoch, skip=skip * grad_accum * loader.batch_size)
+    pbar = tqdm(total=cascade.steps_per_epoch, initial=skip, disable=not show_progress)
+    group: List[Any] = []
+    steps = skip
+    for batch in loader:
+        if steps >= cascade.steps_per_epoch:
+            break
+        group.append(batch)
+        if len(group) < grad_accum:
+            continue
+        yield group
+        group, steps = [], steps + 1
+        pbar.update(1)
+        if cascade.last_step is not None:
+            pbar.set_description(f"{cascade.describe()}|loss {cascade.last_step.loss:.4f}")
+    pbar.close()
+
+
+def lm_loss(model: torch.nn.Module, loss_fn: Any, batch: Dict[str, torch.Tensor],
+            activations_ctx: Any) -> torch.Tensor:
+    """Next-token cross-entropy of one batch, as torchtune's recipes compute it.
+
+    Position ``i`` predicts token ``i+1``: labels are shifted left and padded with the loss's
+    ``ignore_index``. Works with chunked-output losses (``CEWithChunkedOutputLoss``).
+    """
+    labels = batch.pop("labels")
+    with activations_ctx:
+        logits = model(**batch)
+    pad = torch.full((labels.shape[0], 1), loss_fn.ignore_index, dtype=labels.dtype,
+                     device=labels.device)
+    labels = torch.hstack((labels[..., 1:], pad))
+    if not isinstance(logits, list):
+        labels = labels.reshape(-1)
+        logits = logits.reshape(-1, logits.size(-1))
+    return loss_fn(logits, labels)
+
+
+def backward_token_sums(micro_batches: List[Dict[str, torch.Tensor]], device: torch.device,
+                        ignore_index: int, loss_of: Callable[[Dict[str, torch.Tensor]], torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward through each micro-batch's *summed* token loss; return (loss sum, tokens).
+
+    Summing token losses and dividing the gradients once by the step's token count (the
+    caller does, after any all-reduce) weights every token equally however the tokens fall
+    into micro-batches, as torchtune's recipes do.
+    """
+    from torchtune import utils
+
+    loss_sum, num_tokens = None, None
+    for batch in micro_batches:
+        utils.batch_to_device(batch, device)
+        tokens = (batch["labels"] != ignore_index).sum()
+        loss = loss_of(batch) * tokens
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        num_tokens = tokens if num_tokens is None else num_tokens + tokens
+        loss.backward()
+    return loss_sum, num_tokens
+
+
+def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor],
+                           output_dir: Path, epoch: int) -> Path:
+    """Write ``output_dir/epoch_{epoch}/`` through a torchtune checkpointer, atomically.
+
+    torchtune 0.6.1's checkpointers write straight into ``<their output dir>/epoch_N`` and
+    offer no public way to write elsewhere, so this is the one place that points their private
+    ``_output_dir`` at a staging folder for the save. The epoch folder then appears (or is
+    replaced) only once it is complete.
+    """
+    from torchtune import training
+
+    staging = Path(output_dir) / ".staging"
+    real_output_dir = checkpointer._output_dir
+    checkpointer._output_dir = staging
+    try:
+        checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch,
+                                     intermediate_checkpoint=False)
+    finally:
+        checkpointer._output_dir = real_output_dir
+    final_dir = Path(output_dir) / f"epoch_{epoch}"
+    replace_dir(staging / f"epoch_{epoch}", final_dir)
+    return final_dir
+
+
+def setup_profiler(cfg_profiler: Optional[DictConfig]):
+    """torchtune's profiler from the ``profiler:`` block, or a no-op one."""
+    from torchtune import config
+    from torchtune.training import DummyProfiler
+
+    if cfg_profiler is None or not cfg_profiler.get("enabled", False):
+        return DummyProfiler()
+    if cfg_profiler.get("_component_", None) is None:
+        cfg_profiler["_component_"] = "torchtune.training.setup_torch_profiler"
+    profiler, _ = config.instantiate(cfg_profiler)
+    return profiler
+
+
+def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable] = None,
+               announce: bool = True) -> Any:
+    """setup, train, (``after_train``), cleanup; a divergence exits with its own code.
+
+    A NaN/Inf loss, gradient norm or expert ends the process with
+    :data:`~lorasc_tune.errors.DIVERGED_EXIT_CODE` and the error as its last line, so a sweep
+    can record "this learning rate diverged" without parsing logs.
+    """
+    recipe = recipe_cls(cfg=cfg)
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        if after_train is not None:
+            after_train(recipe)
+    except (NonFiniteLossError, NonFiniteExpertError) as err:
+        print(f"LoRASC: training diverged: {err}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED_EXIT_CODE)
+    recipe.cleanup()
+    if announce and getattr(recipe, "is_rank_zero", True):
+        print(f"LoRASC: merged model written to {recipe.last_output_path}")
+    return recipe
+
+
+__all__ = [
+    "backward_token_sums",
+    "device_and_dtype",
+    "lm_loss",
+    "optimizer_steps",
+    "read_llm_inputs",
+    "run_recipe",
+    "save_with_checkpointer",
+    "setup_profiler",
+]
