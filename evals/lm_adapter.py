@@ -1,11 +1,15 @@
 """``LoraScLM``: an lm-eval model over a torchtune decoder and tokenizer (registered as ``"lorasc"``).
 
+The decoder is built from the checkpoint's whole ``config.json`` (Llama-2, Llama-3.x, Mistral,
+Qwen2.5, Phi-3; :mod:`evals.model_loading`), and the tokenizer to match its ``model_type``.
+
 Construction, from lm-eval's CLI (``--model lorasc --model_args checkpoint_dir=...,tokenizer_path=...``)
 or from Python with ready objects (``LoraScLM(model=m, tokenizer=t)``). Requests go to:
 
 * ``loglikelihood`` -- lm-eval's ``TemplateLM`` splits each (context, continuation) into token ids the
   HF-adapter way (context trailing spaces move to the continuation; the continuation ids are the tail
-  of ``encode(context + continuation)``); :func:`evals.scoring.score_requests` scores them exactly.
+  of ``encode(context + continuation)``); :func:`evals.scoring.score_requests` scores them exactly,
+  running shared inputs once and projecting only continuation positions to the vocabulary.
 * ``loglikelihood_rolling`` -- lm-eval's rolling windows over the text, conditioned on BOS, scored in
   one length-sorted pass over all windows of all documents.
 * ``generate_until`` -- batched greedy decoding with a KV cache (:mod:`evals.decoding`), stopping at
@@ -27,7 +31,7 @@ from tqdm import tqdm
 from evals import MODEL_NAME
 from evals.decoding import greedy_generate
 from evals.instructeval.paths import TASK_OPTION_KEYS
-from evals.model_loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from evals.model_loading import checkpoint_model_type, load_model, load_tokenizer, resolve_device, resolve_dtype
 from evals.scoring import score_requests
 
 log = logging.getLogger(__name__)
@@ -59,12 +63,14 @@ def _as_bool(value: Any) -> bool:
 
 @register_model(MODEL_NAME)
 class LoraScLM(TemplateLM):
-    """lm-eval model over a torchtune ``TransformerDecoder`` + SentencePiece tokenizer.
+    """lm-eval model over a torchtune ``TransformerDecoder`` + torchtune tokenizer.
 
     Args:
         checkpoint_dir: HF checkpoint folder (``config.json`` + ``model-*.safetensors``), e.g. a merged
             ``<output_dir>/epoch_N``. Ignored when ``model`` is given.
-        tokenizer_path: SentencePiece ``tokenizer.model``. Ignored when ``tokenizer`` is given.
+        tokenizer_path: ``tokenizer.model`` (SentencePiece for Llama-2, Mistral, Phi-3; tiktoken for
+            Llama-3.x) or, for Qwen2.5, ``vocab.json`` (``merges.txt`` beside it) or their folder.
+            Ignored when ``tokenizer`` is given.
         model / tokenizer: ready objects (Python API and the ``tune run`` recipe).
         checkpoint_files: weight file names inside ``checkpoint_dir`` (default: discovered).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``. dtype: ``fp32``/``bf16``/``fp16``/``auto``.
@@ -116,7 +122,8 @@ class LoraScLM(TemplateLM):
         if tokenizer is None:
             if tokenizer_path is None:
                 raise ValueError(f"{MODEL_NAME}: pass tokenizer_path=<tokenizer.model> (or tokenizer=)")
-            tokenizer = load_tokenizer(tokenizer_path)
+            model_type = checkpoint_model_type(checkpoint_dir) if checkpoint_dir else None
+            tokenizer = load_tokenizer(tokenizer_path, model_type=model_type)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else None
@@ -142,8 +149,10 @@ class LoraScLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        # Empty contexts and rolling windows condition on BOS, as Llama saw at training.
-        return self.tokenizer.bos_id
+        # Empty contexts and rolling windows condition on BOS, as Llama saw at training; a tokenizer
+        # without one (Qwen2.5) conditions on EOS, as lm-eval's HF model does.
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return bos if bos is not None else self.tokenizer.eos_id
 
     @property
     def max_length(self) -> int:
@@ -163,7 +172,7 @@ class LoraScLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return "lorasc-sentencepiece"
+        return f"lorasc-{type(self.tokenizer).__name__}"
 
     def get_model_info(self) -> Dict[str, Any]:
         """Extra fields for lm-eval's results ``config`` block."""

@@ -132,3 +132,50 @@ def model_and_tokenizer(_demo_tokenizer):
     """A peaked tiny model over the locally built 512-piece demo tokenizer (no shared data needed);
     64 positions, so long requests exercise truncation."""
     return peaked_llama(vocab_size=512, max_seq_len=64, seed=3), _demo_tokenizer
+
+
+def test_shared_rows_run_each_maximal_input_once():
+    """Every input is scored from an input that starts with it, and only the maximal inputs (those
+    no other input extends), one copy each, are run: the fewest rows that cover every request."""
+    from evals.scoring import shared_rows
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 4, (12,), generator=g).tolist()
+    inputs = [base[: int(n)] for n in torch.randint(1, 13, (30,), generator=g)]
+    inputs += [torch.randint(0, 4, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (20,), generator=g)]
+    hosts = shared_rows(inputs)
+
+    def extends(y, x):
+        return len(y) > len(x) and tuple(y[: len(x)]) == tuple(x)
+
+    maximal = {tuple(x) for x in inputs if not any(extends(y, x) for y in inputs)}
+    for i, h in enumerate(hosts):
+        assert tuple(inputs[h][: len(inputs[i])]) == tuple(inputs[i])
+        assert tuple(inputs[h]) in maximal and hosts[h] == h
+    assert len(set(hosts)) == len(maximal)
+
+
+class _CountingModel(torch.nn.Module):
+    """Wraps a decoder as a plain module (the generic logits path) and counts rows run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, tokens):
+        self.rows += tokens.shape[0]
+        return self.inner(tokens)
+
+
+def test_shared_inputs_run_once_and_score_exactly(model):
+    """Multiple choice: one context, one-token and two-token choices, and a repeated request."""
+    ctx = list(range(3, 20))
+    requests = [(ctx, [40]), (ctx, [41]), (ctx, [42, 43]), (ctx, [40]), (ctx + [42], [43]), ([5, 6], [7])]
+    counting = _CountingModel(model)
+    for scorer in (model, counting):  # torchtune hidden-state path, then the generic logits path
+        got = score_requests(scorer, requests, max_length=32, batch_size=2)
+        for (c, k), (logprob, greedy) in zip(requests, got):
+            want, want_greedy = direct_score(model, c, k, max_length=32)
+            assert logprob == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+    # Every request but the last is a prefix of ctx + [42]: two rows run, not six.
+    assert counting.rows == 2
