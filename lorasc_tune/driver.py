@@ -196,7 +196,7 @@ class Cascade:
         if self.optimizer is None:
             raise RuntimeError("Cascade.step: built without an optimizer; the loop steps its "
                                "own and calls after_step()")
-        loss = float(loss)
+        loss = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at {self._where()}; stopping before the "
                                      f"optimizer step. {self._saved_note()}")

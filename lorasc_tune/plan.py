@@ -143,12 +143,34 @@ def get_linear_schedule_with_warmup(
     """Linear warmup from 0 to the group's lr, then linear decay to 0 at ``num_training_steps``."""
 
     def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return step / max(1, num_warmup_steps)
-        remaining = num_training_steps - step
-        return max(0.0, remaining / max(1, num_training_steps - num_warmup_steps))
+        return _linear_factor(step, num_warmup_steps, num_training_steps)
 
     return LambdaLR(optimizer, factor, last_epoch)
+
+
+def expert_lr_factor(plan: ExpertPlan, schedule: str, run_warmup_steps: int, step: int) -> float:
+    """The linear schedule's factor at global step ``step``, as each expert's scheduler gives it.
+
+    ``schedule == "expert"``: the whole schedule (warmup share and decay) compressed into the
+    expert that trains ``step``; ``"run"``: one schedule over the run. This is what
+    :func:`build_expert_optimizer` builds with :func:`get_linear_schedule_with_warmup`, as a
+    function of the global step, for loops that keep one scheduler (the Trainer callback).
+    """
+    if schedule == "run":
+        n_steps, warmup, local = plan.total_steps, run_warmup_steps, step
+    else:
+        k = plan.expert_at(step)
+        n_steps = plan.num_steps(k)
+        warmup = expert_warmup_steps(run_warmup_steps, n_steps, plan.total_steps)
+        local = step - plan.starts[k]
+    return _linear_factor(local, warmup, n_steps)
+
+
+def _linear_factor(step: int, num_warmup_steps: int, num_training_steps: int) -> float:
+    if step < num_warmup_steps:
+        return step / max(1, num_warmup_steps)
+    remaining = num_training_steps - step
+    return max(0.0, remaining / max(1, num_training_steps - num_warmup_steps))
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int,
@@ -163,6 +185,7 @@ def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int,
 __all__ = [
     "ExpertPlan",
     "build_expert_optimizer",
+    "expert_lr_factor",
     "expert_warmup_steps",
     "get_linear_schedule_with_warmup",
     "optimizer_param_groups",

@@ -1,0 +1,256 @@
+"""The cascade driver in plain loops, and the transformers Trainer callback against it."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_paths import REPO_ROOT
+from lorasc_tune.adapters import inject, merged_state_dict
+from lorasc_tune.config import LoRASCConfig
+from lorasc_tune.driver import Cascade
+from lorasc_tune.errors import NonFiniteLossError
+from lorasc_tune.plan import ExpertPlan, expert_lr_factor
+
+OPTIMIZER = {"_component_": "torch.optim.AdamW", "lr": 1e-2, "weight_decay": 0.01}
+SCHEDULE = {"_component_": "lorasc_tune.plan.get_linear_schedule_with_warmup",
+            "num_warmup_steps": 3}
+
+
+class TinyClassifier(nn.Module):
+    """Two adaptable projections and a frozen head; returns a loss as a Trainer wants it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(8, 16)
+        self.value = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.head(self.value(torch.tanh(self.query(x))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+def tiny_model(use_dora: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    inject(model, ("query", "value"), rank=2, alpha=4, use_dora=use_dora)
+    return model
+
+
+def tiny_data(n: int = 16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def batches(rows, batch_size):
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        yield torch.stack([r["x"] for r in chunk]), torch.stack([r["labels"] for r in chunk])
+
+
+def plain_loop(lorasc: dict, epochs: int = 3, batch_size: int = 4, clip: float | None = 1.0,
+               use_dora: bool = False):
+    model, rows = tiny_model(use_dora), tiny_data()
+    cascade = Cascade(model, lorasc, seed=0, steps_per_epoch=len(rows) // batch_size,
+                      epochs=epochs, optimizer=OPTIMIZER, lr_scheduler=SCHEDULE,
+                      clip_grad_norm=clip)
+    for _ in range(epochs):
+        for x, y in batches(rows, batch_size):
+            cascade.begin_step()
+            loss = model(x, y)["loss"]
+            loss.backward()
+            cascade.step(loss)
+    return model, cascade
+
+
+def test_readme_example_runs_as_written():
+    """The README's plain-PyTorch example, executed verbatim."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"<!-- driver-example -->\n```python\n(.*?)```", text, re.S)
+    assert block, "README has no driver example"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 15
+    scope: dict = {}
+    exec(compile(code, "README driver example", "exec"), scope)
+    cascade = scope["cascade"]
+    assert cascade.engine.expert == 3 and not cascade.engine.expert_open
+    assert len(cascade.expert_losses) == 3 and all(math.isfinite(v) for v in cascade.expert_losses)
+
+
+def test_driver_runs_algorithm_1_at_the_planned_steps():
+    """Experts begin and end where the plan says; the merged W gains T*r rank."""
+    model, cascade = plain_loop({"noise_lambda": 0.0})
+    assert cascade.engine.expert == 3 and cascade.global_step == 12
+    assert cascade.plan.starts == (0, 4, 8)
+    layer = cascade.engine.layers[0]
+    delta = layer.weight.detach() - tiny_model().query.weight.detach()
+    # Three rank-2 merges of the slow expert: rank between r and T*r.
+    rank = torch.linalg.matrix_rank(delta, rtol=1e-5).item()
+    assert 2 < rank <= 6
+
+
+def test_driver_compresses_the_schedule_into_each_expert():
+    rows_per_step = []
+
+    class Spy:
+        def log_dict(self, metrics, step):
+            if "lr" in metrics:
+                rows_per_step.append((step, metrics["lr"], metrics["expert"]))
+
+    model, rows = tiny_model(), tiny_data()
+    cascade = Cascade(model, {}, seed=0, steps_per_epoch=4, epochs=3, optimizer=OPTIMIZER,
+                      lr_scheduler=SCHEDULE, metric_logger=Spy())
+    for _ in range(3):
+        for x, y in batches(rows, 4):
+            cascade.begin_step()
+            loss = model(x, y)["loss"]
+            loss.backward()
+            cascade.step(loss)
+    # Independently: warmup share round(3*4/12) = 1 step, then linear decay over the rest.
+    expected = [0.0, 1e-2, 1e-2 * 2 / 3, 1e-2 / 3] * 3
+    assert [lr for _, lr, _ in rows_per_step] == pytest.approx(expected)
+    assert [e for _, _, e in rows_per_step] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+@pytest.mark.parametrize("schedule", ["expert", "run"])
+@pytest.mark.parametrize("lorasc", [{}, {"num_experts": 5}, {"steps_per_expert": 7}])
+def test_expert_lr_factor_matches_each_experts_scheduler(schedule, lorasc):
+    """The callback's global-step schedule equals the per-expert schedulers the recipes build."""
+    model = tiny_model()
+    cascade = Cascade(model, {**lorasc, "schedule": schedule}, seed=0, steps_per_epoch=6,
+                      epochs=3, optimizer=OPTIMIZER, lr_scheduler=SCHEDULE)
+    seen = []
+    while not cascade.finished:
+        cascade.begin_step()
+        seen.append(cascade.optimizer.param_groups[0]["lr"] / OPTIMIZER["lr"])
+        cascade.optimizer.zero_grad()
+        cascade.lr_scheduler.step()  # no gradient: only the schedule advances
+        cascade.after_step()
+    plan = cascade.plan
+    assert seen == pytest.approx([expert_lr_factor(plan, schedule, 3, s)
+                                  for s in range(plan.total_steps)])
+
+
+def test_nan_loss_stops_before_the_step_and_says_nothing_was_saved():
+    model, rows = tiny_model(), tiny_data()
+    cascade = Cascade(model, {}, seed=0, steps_per_epoch=4, epochs=1, optimizer=OPTIMIZER)
+    cascade.begin_step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError,
+                       match=r"loss is nan at global step 1 \(epoch 0, expert 1\).*No training "
+                             r"state had been saved yet"):
+        cascade.step(float("nan"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_state_round_trip_continues_exactly():
+    """Save mid-expert, rebuild, load, finish: the same weights as one uninterrupted run."""
+    full, _ = plain_loop({"steps_per_expert": 3})
+    model, rows = tiny_model(), tiny_data()
+    kwargs = dict(seed=0, steps_per_epoch=4, epochs=3, optimizer=OPTIMIZER,
+                  lr_scheduler=SCHEDULE, clip_grad_norm=1.0)
+    first = Cascade(model, {"steps_per_expert": 3}, **kwargs)
+    data = [b for _ in range(3) for b in batches(rows, 4)]
+    for x, y in data[:5]:
+        first.begin_step()
+        loss = model(x, y)["loss"]
+        loss.backward()
+        first.step(loss)
+    state = first.state_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model2 = tiny_model()
+    model2.load_state_dict(weights)
+    second = Cascade(model2, {"steps_per_expert": 3}, **kwargs)
+    second.load_state_dict(state)
+    for x, y in data[5:]:
+        second.begin_step()
+        loss = model2(x, y)["loss"]
+        loss.backward()
+        second.step(loss)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(model2.state_dict()[k], v, rtol=0, atol=0)
+
+
+# ---- the transformers Trainer callback -----------------------------------------------------
+
+
+def run_trainer(tmp_path, lorasc: dict, epochs: int = 3, **args):
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.data import SequentialSampler
+
+    from lorasc_tune.hf import LoRASCCallback
+
+    class InOrderTrainer(transformers.Trainer):
+        # The plain loop visits rows in order; so does this Trainer, to compare weights.
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    model = tiny_model()
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                    num_train_epochs=epochs, learning_rate=OPTIMIZER["lr"],
+                    weight_decay=OPTIMIZER["weight_decay"], lr_scheduler_type="linear",
+                    warmup_steps=SCHEDULE["num_warmup_steps"], optim="adamw_torch",
+                    max_grad_norm=1.0, report_to=[], save_strategy="no", logging_steps=1000,
+                    use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    settings.update(args)
+    callback = LoRASCCallback(seed=0, **lorasc)
+    trainer = InOrderTrainer(model=model, args=transformers.TrainingArguments(**settings),
+                             train_dataset=tiny_data(), callbacks=[callback])
+    return trainer, model, callback
+
+
+@pytest.mark.parametrize("lorasc", [
+    {"slow_alpha": 0.5, "noise_lambda": 1.0},
+    {"slow_alpha": 0.6, "noise_lambda": 1.0, "lr_ratio_B": 16.0, "steps_per_expert": 3},
+    {"cascade": False},
+])
+def test_trainer_callback_matches_the_driver_in_a_plain_loop(tmp_path, lorasc):
+    trainer, model, callback = run_trainer(tmp_path, lorasc)
+    trainer.train()
+    reference, cascade = plain_loop(lorasc)
+    assert callback.cascade.engine.expert == cascade.engine.expert
+    got = merged_state_dict(model, callback.cascade.engine.master_weights())
+    want = merged_state_dict(reference, cascade.engine.master_weights())
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_trainer_callback_resumes_from_a_trainer_checkpoint(tmp_path):
+    lorasc = {"slow_alpha": 0.5, "noise_lambda": 1.0, "steps_per_expert": 3}
+    # Step 5 is inside expert 2 (steps 3-5): the resume must restore an open expert.
+    trainer, model, _ = run_trainer(tmp_path / "a", lorasc, save_strategy="steps", save_steps=5)
+    trainer.train()
+    assert (tmp_path / "a" / "checkpoint-5" / "lorasc_cascade.pt").is_file()
+    trainer, model, callback = run_trainer(tmp_path / "a", lorasc, save_strategy="steps",
+                                           save_steps=5)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
+    reference, cascade = plain_loop(lorasc)
+    got = merged_state_dict(model, callback.cascade.engine.master_weights())
+    want = merged_state_dict(reference, cascade.engine.master_weights())
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_trainer_callback_refuses_bad_keys_and_schedules(tmp_path):
+    from lorasc_tune.config import LoRASCConfigError
+
+    pytest.importorskip("transformers")
+    from lorasc_tune.hf import LoRASCCallback
+
+    with pytest.raises(LoRASCConfigError, match="slow_alpha"):
+        LoRASCCallback(slow_alpha=1.5)
+    trainer, _, _ = run_trainer(tmp_path, {}, lr_scheduler_type="cosine")
+    with pytest.raises(ValueError, match="lr_scheduler_type='cosine' is not supported"):
+        trainer.train()
