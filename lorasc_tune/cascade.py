@@ -23,6 +23,24 @@ base: the exported model folds that expert in (see :func:`lorasc_tune.adapters.m
 DoRA: only the direction (``W``, A, B) is cascaded; the magnitude vector is an ordinary
 trainable parameter that carries across experts and is never reset.
 
+Automatic α and λ (``slow_alpha: auto`` / ``noise_lambda: auto``; each key on its own). The
+paper tunes α and λ per task and names choosing them adaptively as future work. The rule here
+reads one statistic per adapted matrix: the agreement ``c_t = cos(B_t·A_t, B_{t-1}·A_{t-1})``
+(Frobenius cosine) between the update the fast expert just learned and the previous fast
+expert's. Experts that keep finding the same direction (``c → 1``) carry signal, so the slow
+average follows the new one and no noise is needed; unrelated experts (``c ≈ 0``, what fitting
+each epoch's noise gives) get the paper's defaults; an expert that undoes its predecessor
+(``c → -1``) is oscillation, which the slow expert should damp and the noise shake out of:
+
+* ``α_t = (1 - c_t) / 2`` at the end of expert ``t ≥ 2`` (``α_1 = 0.5``: nothing to compare yet);
+* ``λ_t = 1 - c_{t-1}`` for the noise before expert ``t ≥ 3`` (``λ_2 = 1``).
+
+Both are in units the fixed values already have, with no new constant: ``c = 0`` gives exactly
+the paper's α 0.5 and λ 1. The cosine comes from r×r Gram products
+(``⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ)``), summed over B's row shards and all-reduced like
+std's moments, so every FSDP2 rank computes the same α and λ. With numeric α and λ none of this
+runs, and the state carries nothing extra.
+
 Precision (``lorasc.merge_precision``, docs/merge_precision.md): every write into ``W`` (noise and
 merge) is computed in fp32 and stored through one policy. ``nearest`` rounds to nearest;
 ``stochastic`` rounds stochastically (unbiased, no memory); ``fp32_master`` keeps an fp32 copy
@@ -39,6 +57,7 @@ row-local, and the two global quantities (full A, and std's two moments) are tin
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -105,6 +124,13 @@ class CascadeEngine:
         self.slow_A: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.slow_B: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.noise_std: Dict[int, List[float]] = {}
+        # Automatic α / λ (module doc): the previous fast expert's factors (local rows, float32),
+        # the latest agreement c per matrix (None: no pair of experts yet), and what was used.
+        self.prev_fast_A: List[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.prev_fast_B: List[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.agreement: List[Optional[float]] = [None] * len(self.layers)
+        self.auto_alpha: Dict[int, List[float]] = {}
+        self.auto_lambda: Dict[int, List[float]] = {}
         # fp32 master of W's local rows, or None where W is rounded in place (see module doc).
         self.master: List[Optional[torch.Tensor]] = [
             self._build_master(layer, master_source) for layer in self.layers]
@@ -181,7 +207,7 @@ class CascadeEngine:
         if not self.cfg.cascade and self.expert >= 1:
             raise RuntimeError("begin_expert: cascade is off, so there is a single expert")
         t = self.expert + 1
-        widths = []
+        widths, lambdas = [], []
         for i, layer in enumerate(self.layers):
             A, a_row0 = _local_rows(layer.lora_a)
             B, _ = _local_rows(layer.lora_b)
@@ -194,16 +220,20 @@ class CascadeEngine:
                 self.slow_B[i] = B.detach().float().clone()
                 widths.append(0.0)
                 continue
+            lam = self._noise_lambda(i)
+            lambdas.append(lam)
             std = self._slow_delta_std(i, layer) if self.cfg.noise_enabled else 0.0
-            if std > 0.0:
+            if std > 0.0 and lam > 0.0:
                 noise_key = stream_key(self.seed, t, i, _STREAM_NOISE)
                 self._update_base(i, layer, t, _STREAM_ROUND_NOISE,
                                   lambda rows, mode, rkey, row0: add_uniform_noise_(
-                                      rows, std, self.cfg.noise_lambda, noise_key,
+                                      rows, std, lam, noise_key,
                                       row_start=row0, rounding=mode, round_key=rkey))
-            widths.append(self.cfg.noise_lambda * std)
+            widths.append(lam * std)
         self.expert, self.expert_open = t, True
         self.noise_std[t] = widths
+        if self.cfg.auto_lambda and t > 1:
+            self.auto_lambda[t] = lambdas
         return {layer.name: w for layer, w in zip(self.layers, widths)}
 
     @torch.no_grad()
@@ -218,10 +248,15 @@ class CascadeEngine:
             raise RuntimeError("end_expert: no expert is open")
         self.check_finite()
         if self.cfg.cascade:
-            alpha = self.cfg.slow_alpha
+            auto = self.cfg.auto_alpha or self.cfg.auto_lambda
+            alphas = []
             for i, layer in enumerate(self.layers):
                 A, _ = _local_rows(layer.lora_a)
                 B, _ = _local_rows(layer.lora_b)
+                if auto:
+                    self._record_fast(i, layer, A, B)
+                alpha = self._slow_alpha(i)
+                alphas.append(alpha)
                 self.slow_A[i].mul_(alpha).add_(A.float(), alpha=1.0 - alpha)
                 self.slow_B[i].mul_(alpha).add_(B.float(), alpha=1.0 - alpha)
                 A_full = _gather_rows(self.slow_A[i], layer.lora_a)
@@ -232,6 +267,8 @@ class CascadeEngine:
                                       round_key=rkey, row_start=row0))
                 # The expert now lives in W; with B = 0 the model computes the merged weights.
                 B.zero_()
+            if self.cfg.auto_alpha:
+                self.auto_alpha[self.expert] = alphas
         self.expert_open = False
 
     # ---- checks and helpers -----------------------------------------------------------------
@@ -256,6 +293,40 @@ class CascadeEngine:
                 f"expert {self.expert} has non-finite adapter values in {where}; it was not "
                 f"merged, and the base weights are unchanged"
             )
+
+    def _slow_alpha(self, i: int) -> float:
+        if not self.cfg.auto_alpha:
+            return self.cfg.slow_alpha
+        c = self.agreement[i]
+        return 0.5 if c is None else (1.0 - c) / 2.0
+
+    def _noise_lambda(self, i: int) -> float:
+        if not self.cfg.auto_lambda:
+            return self.cfg.noise_lambda
+        c = self.agreement[i]
+        return 1.0 if c is None else 1.0 - c
+
+    def _record_fast(self, i: int, layer: AdaptedLayer, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Set ``agreement[i]`` to cos(B·A, previous B·A) and keep this expert's factors.
+
+        ``c = 0`` where either update is zero (an expert that learned nothing agrees with
+        nothing). Collective under FSDP2: every rank calls it for every layer, in order.
+        """
+        A_now, B_now = A.detach().float().clone(), B.detach().float().clone()
+        if self.prev_fast_A[i] is not None:
+            A_full = _gather_rows(A_now, layer.lora_a).double()
+            A_prev = _gather_rows(self.prev_fast_A[i], layer.lora_a).double()
+            B64, B_prev = B_now.double(), self.prev_fast_B[i].double()
+            # (⟨F_t, F_{t-1}⟩, ‖F_t‖², ‖F_{t-1}‖²) with F = B·A; partial sums over B's rows.
+            moments = torch.stack([((B64.T @ B_prev) * (A_full @ A_prev.T)).sum(),
+                                   ((B64.T @ B64) * (A_full @ A_full.T)).sum(),
+                                   ((B_prev.T @ B_prev) * (A_prev @ A_prev.T)).sum()])
+            _all_reduce_sum(moments, layer.lora_b)
+            dot, sq_now, sq_prev = (float(v) for v in moments)
+            denom = math.sqrt(max(sq_now, 0.0) * max(sq_prev, 0.0))
+            c = dot / denom if denom > 0.0 else 0.0
+            self.agreement[i] = min(1.0, max(-1.0, c))  # rounding can step just past ±1
+        self.prev_fast_A[i], self.prev_fast_B[i] = A_now, B_now
 
     def _slow_delta_std(self, i: int, layer: AdaptedLayer) -> float:
         """``std(s·B_slow·A_slow)`` over the full matrix, via r×r Gram matrices."""
@@ -283,7 +354,13 @@ class CascadeEngine:
         for layer, master in zip(self.layers, self.master):
             if master is not None:
                 slow[f"{layer.name}.master"] = _wrap_like(master.clone(), layer.weight)
-        return {
+        auto = self.cfg.cascade and (self.cfg.auto_alpha or self.cfg.auto_lambda)
+        if auto:
+            for layer, A, B in zip(self.layers, self.prev_fast_A, self.prev_fast_B):
+                if A is not None:
+                    slow[f"{layer.name}.prev_fast_A"] = _wrap_like(A.clone(), layer.lora_a)
+                    slow[f"{layer.name}.prev_fast_B"] = _wrap_like(B.clone(), layer.lora_b)
+        state = {
             "version": STATE_VERSION,
             "config": self.cfg.to_dict(),
             "seed": self.seed,
@@ -293,6 +370,10 @@ class CascadeEngine:
             "slow": slow,
             "noise_std": dict(self.noise_std),
         }
+        if auto:  # only then: a fixed-α/λ state stays exactly as before
+            state["auto"] = {"agreement": list(self.agreement), "alpha": dict(self.auto_alpha),
+                             "lambda": dict(self.auto_lambda)}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -320,6 +401,16 @@ class CascadeEngine:
         self.slow_A = [_local_copy(slow.get(f"{n}.slow_A")) for n in names]
         self.slow_B = [_local_copy(slow.get(f"{n}.slow_B")) for n in names]
         self.noise_std = dict(state["noise_std"])
+        if self.cfg.cascade and (self.cfg.auto_alpha or self.cfg.auto_lambda):
+            if self.expert >= 1 and "auto" not in state:
+                raise ValueError("cascade state has no automatic-α/λ record (lorasc.slow_alpha or "
+                                 "lorasc.noise_lambda is 'auto'); it cannot resume exactly")
+            auto = state.get("auto", {})
+            self.agreement = list(auto.get("agreement", [None] * len(names)))
+            self.auto_alpha = dict(auto.get("alpha", {}))
+            self.auto_lambda = dict(auto.get("lambda", {}))
+            self.prev_fast_A = [_local_copy(slow.get(f"{n}.prev_fast_A")) for n in names]
+            self.prev_fast_B = [_local_copy(slow.get(f"{n}.prev_fast_B")) for n in names]
         with torch.no_grad():
             for layer, master in zip(self.layers, self.master):
                 if master is None:

@@ -11,7 +11,10 @@ re-check it.
       num_experts: null       # or T: T experts spread evenly over the whole run (Table 4's
                               # cascade frequency, 2 … 1250 over 5 epochs, whatever the data size)
       slow_alpha: 0.5         # α in [0, 1): A_slow ← α·A_slow + (1-α)·A_fast (0 = COLA-style)
+                              # auto = per matrix, α = (1 - c)/2, c = cosine between this
+                              #        fast expert's B·A and the previous one's (0.5 when c = 0)
       noise_lambda: 1.0       # λ >= 0: W̃ = W + U(-λ/2, λ/2)·std(s·B_slow·A_slow) (0 = off)
+                              # auto = per matrix, λ = 1 - c with the latest c (1 when c = 0)
       lr_ratio_B: 1.0         # LoRA+: lr(B) = lr_ratio_B × lr(A); the paper uses 16
       schedule: expert        # expert = the LR schedule restarts, compressed, for every expert
                               # run = one schedule over the whole run (our COLA baseline)
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 
 MERGE_PRECISIONS = ("nearest", "stochastic", "fp32_master")
@@ -37,6 +40,9 @@ MERGE_PRECISIONS = ("nearest", "stochastic", "fp32_master")
 # the update and had the smallest error at every T measured (W is always the nearest bf16
 # value of the exact fp32 result). On one device it lives in host memory: no GPU memory.
 DEFAULT_MERGE_PRECISION = "fp32_master"
+# slow_alpha / noise_lambda value that lets the engine set them from the experts themselves
+# (lorasc_tune.cascade, "Automatic α and λ").
+AUTO = "auto"
 
 
 class LoRASCConfigError(ValueError):
@@ -48,19 +54,27 @@ class LoRASCConfig:
     cascade: bool = True
     steps_per_expert: Optional[int] = None
     num_experts: Optional[int] = None
-    slow_alpha: float = 0.5
-    noise_lambda: float = 1.0
+    slow_alpha: Union[float, str] = 0.5
+    noise_lambda: Union[float, str] = 1.0
     lr_ratio_B: float = 1.0
     schedule: str = "expert"
     merge_precision: str = DEFAULT_MERGE_PRECISION
 
     @property
+    def auto_alpha(self) -> bool:
+        return self.slow_alpha == AUTO
+
+    @property
+    def auto_lambda(self) -> bool:
+        return self.noise_lambda == AUTO
+
+    @property
     def slow_enabled(self) -> bool:
-        return self.cascade and self.slow_alpha > 0.0
+        return self.cascade and (self.auto_alpha or self.slow_alpha > 0.0)
 
     @property
     def noise_enabled(self) -> bool:
-        return self.cascade and self.noise_lambda > 0.0
+        return self.cascade and (self.auto_lambda or self.noise_lambda > 0.0)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -131,21 +145,26 @@ class LoRASCConfig:
                 f"lorasc.merge_precision must be one of {', '.join(MERGE_PRECISIONS)} "
                 f"(nearest = round-to-nearest, stochastic = stochastic rounding, fp32_master = "
                 f"an fp32 copy of the adapted matrices); got {self.merge_precision!r}")
-        _check_float("slow_alpha", self.slow_alpha, lo=0.0, hi=1.0, hi_open=True, rng="[0, 1)")
-        _check_float("noise_lambda", self.noise_lambda, lo=0.0, hi=math.inf, rng="[0, inf)")
+        if not self.auto_alpha:
+            _check_float("slow_alpha", self.slow_alpha, lo=0.0, hi=1.0, hi_open=True,
+                         rng="[0, 1)", or_auto=True)
+        if not self.auto_lambda:
+            _check_float("noise_lambda", self.noise_lambda, lo=0.0, hi=math.inf,
+                         rng="[0, inf)", or_auto=True)
         _check_float("lr_ratio_B", self.lr_ratio_B, lo=0.0, hi=math.inf, lo_open=True,
                      rng="(0, inf)")
 
 
 def _check_float(key: str, value: Any, lo: float, hi: float, rng: str,
-                 lo_open: bool = False, hi_open: bool = False) -> None:
+                 lo_open: bool = False, hi_open: bool = False, or_auto: bool = False) -> None:
     bad = isinstance(value, bool) or not isinstance(value, (int, float))
     if not bad:
         v = float(value)
         bad = (not math.isfinite(v) or v < lo or v > hi
                or (lo_open and v == lo) or (hi_open and v == hi))
     if bad:
-        raise LoRASCConfigError(f"lorasc.{key} must be a number in {rng}; got {value!r}")
+        also = f" or '{AUTO}'" if or_auto else ""
+        raise LoRASCConfigError(f"lorasc.{key} must be a number in {rng}{also}; got {value!r}")
 
 
 def _to_plain(block: Any) -> Mapping[str, Any]:

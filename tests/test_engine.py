@@ -258,3 +258,221 @@ def copy_of(module):
     import copy
 
     return copy.deepcopy(module)
+
+
+# ---- automatic α and λ (slow_alpha: auto / noise_lambda: auto) --------------------------------
+
+
+def _frobenius_cosine(F1: torch.Tensor, F2: torch.Tensor) -> float:
+    n1, n2 = F1.norm().item(), F2.norm().item()
+    return 0.0 if n1 == 0 or n2 == 0 else (F1 * F2).sum().item() / (n1 * n2)
+
+
+@pytest.mark.parametrize("alpha,lam", [("auto", "auto"), ("auto", 1.0), (0.5, "auto")])
+def test_auto_alpha_lambda_match_reference(alpha, lam):
+    """Algorithm 1 re-run with α_t = (1 - c_t)/2 and λ_t = 1 - c_{t-1}, c from dense B·A products."""
+    seed, T = 11, 5
+    model = Toy()
+    engine = CascadeEngine(model, LoRASCConfig(slow_alpha=alpha, noise_lambda=lam), seed=seed)
+    ref_W = [m.weight.detach().clone().double() for m in adapted(model)]
+    ref_slow, prev_F, c_last = [None] * 3, [None] * 3, [None] * 3
+    used_alpha, used_lambda = {}, {}
+    for t in range(1, T + 1):
+        engine.begin_expert()
+        lams = []
+        for i, m in enumerate(adapted(model)):
+            s = m.alpha / m.rank
+            if t == 1:
+                ref_slow[i] = (m.lora_a.weight.detach().double().clone(),
+                               m.lora_b.weight.detach().double().clone())
+            else:
+                lam_t = (1.0 if c_last[i] is None else 1.0 - c_last[i]) if lam == "auto" else lam
+                lams.append(lam_t)
+                A_s, B_s = ref_slow[i]
+                std = torch.std(s * B_s @ A_s).item()
+                u = counter_uniform(stream_key(seed, t, i, 2), 0, *ref_W[i].shape).double()
+                ref_W[i] = ref_W[i] + (u - 0.5) * lam_t * std
+            torch.testing.assert_close(m.weight.double(), ref_W[i], atol=1e-5, rtol=0)
+            fake_training(m, t, i)
+            if t == 3 and i == 0:
+                # Expert 3 of layer q repeats expert 2's update exactly (c = 1), so its α is 0
+                # and the noise before expert 4 is off; other layers see unrelated draws.
+                with torch.no_grad():
+                    m.lora_a.weight.copy_(fast_2_q[0])
+                    m.lora_b.weight.copy_(fast_2_q[1])
+        if t > 1:
+            used_lambda[t] = lams
+        fast = [(m.lora_a.weight.detach().double().clone(), m.lora_b.weight.detach().double().clone())
+                for m in adapted(model)]
+        if t == 2:
+            fast_2_q = tuple(x.float() for x in fast[0])
+        engine.end_expert()
+        alphas = []
+        for i, m in enumerate(adapted(model)):
+            s = m.alpha / m.rank
+            F = fast[i][1] @ fast[i][0]
+            if prev_F[i] is not None:
+                c_last[i] = _frobenius_cosine(F, prev_F[i])
+            prev_F[i] = F
+            a = (0.5 if c_last[i] is None else (1 - c_last[i]) / 2) if alpha == "auto" else alpha
+            alphas.append(a)
+            A_s, B_s = ref_slow[i]
+            ref_slow[i] = (a * A_s + (1 - a) * fast[i][0], a * B_s + (1 - a) * fast[i][1])
+            ref_W[i] = ref_W[i] + s * ref_slow[i][1] @ ref_slow[i][0]
+            torch.testing.assert_close(m.weight.double(), ref_W[i], atol=1e-5, rtol=0)
+        used_alpha[t] = alphas
+    if alpha == "auto":
+        assert set(engine.auto_alpha) == set(range(1, T + 1))
+        for t in used_alpha:
+            assert engine.auto_alpha[t] == pytest.approx(used_alpha[t], abs=1e-9)
+        assert engine.auto_alpha[1] == [0.5] * 3
+        assert engine.auto_alpha[3][0] == pytest.approx(0.0, abs=1e-6)  # the repeated expert
+        assert all(abs(a - 0.5) > 1e-4 for a in engine.auto_alpha[2])  # the rule did act
+    else:
+        assert engine.auto_alpha == {}
+    if lam == "auto":
+        assert set(engine.auto_lambda) == set(range(2, T + 1))
+        for t in used_lambda:
+            assert engine.auto_lambda[t] == pytest.approx(used_lambda[t], abs=1e-9)
+        assert engine.auto_lambda[2] == [1.0] * 3
+        assert engine.auto_lambda[4][0] == pytest.approx(0.0, abs=1e-6)
+        assert engine.noise_std[4][0] == pytest.approx(0.0, abs=1e-9)
+    else:
+        assert engine.auto_lambda == {}
+
+
+def test_auto_opposite_expert_gives_alpha_one_and_lambda_two():
+    layer = LoRALinear(16, 12, rank=3, alpha=6)
+    engine = CascadeEngine(nn.Sequential(layer), LoRASCConfig(slow_alpha="auto",
+                                                              noise_lambda="auto"), seed=2)
+    engine.begin_expert()
+    fake_training(layer, 1, 0)
+    A1, B1 = layer.lora_a.weight.detach().clone(), layer.lora_b.weight.detach().clone()
+    engine.end_expert()
+    engine.begin_expert()
+    with torch.no_grad():  # B·A = -(B1·A1): the second expert undoes the first
+        layer.lora_a.weight.copy_(A1)
+        layer.lora_b.weight.copy_(-B1)
+    engine.end_expert()
+    assert engine.agreement[0] == pytest.approx(-1.0, abs=1e-6)
+    assert engine.auto_alpha[2][0] == pytest.approx(1.0, abs=1e-6)
+    engine.begin_expert()
+    assert engine.auto_lambda[3][0] == pytest.approx(2.0, abs=1e-6)
+
+
+def test_auto_resume_continues_exactly():
+    cfg = LoRASCConfig(slow_alpha="auto", noise_lambda="auto")
+
+    def run(model, engine, experts):
+        for t in experts:
+            engine.begin_expert()
+            for i, m in enumerate(adapted(model)):
+                fake_training(m, t, i)
+            engine.end_expert()
+
+    straight = Toy()
+    e1 = CascadeEngine(straight, cfg, seed=4)
+    run(straight, e1, range(1, 6))
+
+    first = Toy()
+    e2 = CascadeEngine(first, cfg, seed=4)
+    run(first, e2, range(1, 4))
+    state = e2.state_dict()
+    assert {"q.prev_fast_A", "q.prev_fast_B"} <= set(state["slow"])
+    resumed = Toy()
+    resumed.load_state_dict(first.state_dict())
+    e3 = CascadeEngine(resumed, cfg, seed=4)
+    e3.load_state_dict(state)
+    run(resumed, e3, range(4, 6))
+    for a, b in zip(adapted(straight), adapted(resumed)):
+        assert torch.equal(a.weight, b.weight)
+    assert e3.auto_alpha == e1.auto_alpha and e3.auto_lambda == e1.auto_lambda
+
+    fixed_state = CascadeEngine(Toy(), LoRASCConfig(), seed=4)
+    fixed_state.begin_expert()
+    with pytest.raises(ValueError, match="lorasc.slow_alpha"):
+        CascadeEngine(Toy(), cfg, seed=4).load_state_dict(fixed_state.state_dict())
+    assert "auto" not in fixed_state.state_dict()  # the default state carries nothing new
+
+
+def test_auto_config_values():
+    cfg = LoRASCConfig.from_config({"slow_alpha": "auto", "noise_lambda": "auto"})
+    assert cfg.auto_alpha and cfg.auto_lambda and cfg.slow_enabled and cfg.noise_enabled
+    assert cfg.to_dict()["slow_alpha"] == "auto"
+    from lorasc_tune.config import LoRASCConfigError
+
+    for key in ("slow_alpha", "noise_lambda"):
+        with pytest.raises(LoRASCConfigError, match=f"lorasc.{key} must be a number .* or 'auto'"):
+            LoRASCConfig.from_config({key: "Auto"})
+    fixed = LoRASCConfig()
+    assert not fixed.auto_alpha and not fixed.auto_lambda
+
+
+def _fake_training_rows(layer, t, i):
+    """fake_training's draws, written through each rank's rows (plain or FSDP2-sharded)."""
+    from lorasc_tune.sharding import local_rows
+
+    g = torch.Generator().manual_seed(1000 * t + i)
+    dA = 0.1 * torch.randn(layer.lora_a.weight.shape, generator=g)
+    B = 0.2 * torch.randn(layer.lora_b.weight.shape, generator=g)
+    with torch.no_grad():
+        A_loc, a0 = local_rows(layer.lora_a.weight)
+        B_loc, b0 = local_rows(layer.lora_b.weight)
+        A_loc.add_(dA[a0: a0 + A_loc.shape[0]])
+        B_loc.copy_(B[b0: b0 + B_loc.shape[0]])
+
+
+def _auto_cascade(model, T=4):
+    engine = CascadeEngine(model, LoRASCConfig(slow_alpha="auto", noise_lambda="auto"), seed=9)
+    for t in range(1, T + 1):
+        engine.begin_expert()
+        for i, m in enumerate(adapted(model)):
+            _fake_training_rows(m, t, i)
+        engine.end_expert()
+    return engine
+
+
+def _fsdp_auto_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        model = Toy(rank=3)  # 3 rows of A over 2 ranks: uneven shards
+        for m in adapted(model):
+            fully_shard(m, mesh=mesh)
+        engine = _auto_cascade(model)
+        weights = [m.weight.full_tensor() for m in adapted(model)]
+        if rank == 0:
+            torch.save({"weights": weights, "alpha": engine.auto_alpha,
+                        "lambda": engine.auto_lambda}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_auto_alpha_lambda_same_on_fsdp2_row_shards(tmp_path):
+    """Two gloo ranks holding row shards choose the single device's α and λ and weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_auto_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    sharded = torch.load(out)
+    model = Toy(rank=3)
+    engine = _auto_cascade(model)
+    for t, alphas in engine.auto_alpha.items():
+        assert sharded["alpha"][t] == pytest.approx(alphas, abs=1e-9)
+    for t, lams in engine.auto_lambda.items():
+        assert sharded["lambda"][t] == pytest.approx(lams, abs=1e-9)
+    assert any(abs(a - 0.5) > 1e-3 for a in engine.auto_alpha[3])  # the rule acted
+    for w_sharded, m in zip(sharded["weights"], adapted(model)):
+        torch.testing.assert_close(w_sharded, m.weight.detach(), atol=1e-6, rtol=0)
