@@ -265,44 +265,59 @@ def lorasc_config(method: str) -> tuple:
     return LoRASCConfig.from_config(dict(ROWS[row], lr_ratio_B=ratio)), dora
 
 
+def build_classifier(task: str, seed: int, base_state: dict, encoder_factory, rank: int,
+                     alpha: float, dora: bool) -> MeanPoolClassifier:
+    """The pretrained encoder with fresh adapters on query/value and a fresh head, in train mode."""
+    torch.manual_seed(seed)  # head init and BERT's dropout; the engine has its own streams
+    encoder = encoder_factory()
+    encoder.load_state_dict(base_state)
+    inject(encoder, ("query", "value"), rank=rank, alpha=alpha, dropout=0.0, use_dora=dora)
+    model = MeanPoolClassifier(encoder, NUM_CLASSES[task])
+    for p in model.head.parameters():  # inject froze everything but the adapters
+        p.requires_grad_(True)
+    model.train()
+    return model
+
+
+def train_cascade(model: nn.Module, cfg: LoRASCConfig, seed: int, lr: float, s: dict,
+                  train: List[tuple]) -> tuple:
+    """Train ``model`` on ``train`` for ``s["epochs"]`` through the shared driver.
+
+    Returns ``(cascade, diverged)``; a non-finite loss ends training early (``diverged``).
+    """
+    # The recipes' driver: AdamW with LoRA+ groups, linear schedule with warmup, restarted and
+    # compressed per expert (schedule: expert) or run-long (schedule: run).
+    steps_per_epoch = len(train) // s["batch_size"]
+    cascade = Cascade(
+        model, cfg, seed=seed, steps_per_epoch=steps_per_epoch, epochs=s["epochs"],
+        optimizer={"_component_": "torch.optim.AdamW", "lr": lr,
+                   "weight_decay": s["weight_decay"]},
+        lr_scheduler={"_component_": "lorasc_tune.plan.get_linear_schedule_with_warmup",
+                      "num_warmup_steps": round(s["warmup_ratio"] * steps_per_epoch * s["epochs"])})
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.RandomState(seed)
+    try:
+        for _epoch in range(s["epochs"]):
+            for batch in train_batches(train, s["batch_size"], s["bucket_batches"], rng):
+                cascade.begin_step()
+                ids, mask, y = collate([train[i] for i in batch])
+                loss = loss_fn(model(ids, mask), y)
+                loss.backward()
+                cascade.step(loss)
+    except NonFiniteLossError:
+        return cascade, True  # a learning rate too high for this cell: an outcome, not a crash
+    return cascade, False
+
+
 def run_cell(cell: Cell, s: dict, base_state: dict, tokenizer, encoder_factory,
              data: Dict[str, list]) -> dict:
     """Train one cell from the pretrained weights and return its result record."""
     t0, c0 = time.perf_counter(), time.process_time()
     cfg, dora = lorasc_config(cell.method)
-    torch.manual_seed(cell.seed)  # head init and BERT's dropout; the engine has its own streams
-    encoder = encoder_factory()
-    encoder.load_state_dict(base_state)
-    inject(encoder, ("query", "value"), rank=s["lora_rank"], alpha=s["lora_alpha"],
-           dropout=0.0, use_dora=dora)
-    model = MeanPoolClassifier(encoder, NUM_CLASSES[cell.task])
-    for p in model.head.parameters():  # inject froze everything but the adapters
-        p.requires_grad_(True)
-    model.train()
-
-    # The recipes' driver: AdamW with LoRA+ groups, linear schedule with warmup, restarted and
-    # compressed per expert (schedule: expert) or run-long (schedule: run).
-    steps_per_epoch = len(data["train"]) // s["batch_size"]
-    cascade = Cascade(
-        model, cfg, seed=cell.seed, steps_per_epoch=steps_per_epoch, epochs=s["epochs"],
-        optimizer={"_component_": "torch.optim.AdamW", "lr": cell.lr,
-                   "weight_decay": s["weight_decay"]},
-        lr_scheduler={"_component_": "lorasc_tune.plan.get_linear_schedule_with_warmup",
-                      "num_warmup_steps": round(s["warmup_ratio"] * steps_per_epoch * s["epochs"])})
+    model = build_classifier(cell.task, cell.seed, base_state, encoder_factory, s["lora_rank"],
+                             s["lora_alpha"], dora)
+    cascade, diverged = train_cascade(model, cfg, cell.seed, cell.lr, s, data["train"])
     engine = cascade.engine
-    loss_fn = nn.CrossEntropyLoss()
-    rng = np.random.RandomState(cell.seed)
-    diverged = False
-    try:
-        for _epoch in range(s["epochs"]):
-            for batch in train_batches(data["train"], s["batch_size"], s["bucket_batches"], rng):
-                cascade.begin_step()
-                ids, mask, y = collate([data["train"][i] for i in batch])
-                loss = loss_fn(model(ids, mask), y)
-                loss.backward()
-                cascade.step(loss)
-    except NonFiniteLossError:
-        diverged = True  # a learning rate too high for this cell: an outcome, not a crash
     step, losses = cascade.global_step, cascade.expert_losses
     train_s = time.perf_counter() - t0
     result = {

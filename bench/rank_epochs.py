@@ -1,0 +1,355 @@
+"""Where does LoRASC help? LoRA rank x training length on real weights (all-MiniLM-L6-v2, CPU).
+
+    python bench/rank_epochs.py                      # the sweep into bench/results/rank_epochs
+    python bench/rank_epochs.py --table              # only table.md and the plots
+    python bench/rank_epochs.py --out-dir /tmp/s --smoke   # seconds, for tests
+
+Why this exists: the paper's Fig. 2 says LoRASC's advantage over LoRA and COLA grows with the
+LoRA rank and the number of epochs, because there LoRA overfits and LoRASC does not. Our
+rank-8, 5-epoch replication (bench/replicate_minilm.py, BENCHMARKS §4) found no advantage; this
+asks whether one appears at higher ranks and longer training, and shows train accuracy beside
+test so that overfitting is visible rather than assumed.
+
+Everything but the grid comes from bench/replicate_minilm.py (model, data protocol, pooling,
+driver loop, batch sizes): ranks {8, 32, 128} x epochs {5, 20}, on the two tasks the small
+model learns above the majority class there (SST-2, CB). One expert per epoch, so a 20-epoch
+LoRASC run is a 20-expert cascade. The LoRA alpha is 2 x rank, i.e. the scale alpha/r = 2 of
+§4's rank 8 / alpha 16 at every rank, so a higher rank adds capacity (and, at a fixed learning
+rate, a larger step) instead of shrinking the update.
+
+Methods: the ablation rows ``lora``, ``cola``, ``slow`` (++Slow) and ``noise`` (LoRASC at the
+fixed alpha 0.5, lambda 1) of ``recipes/make_ablation_configs.ROWS``, plus ``lorasc_auto``: the
+same row with ``slow_alpha: auto`` and ``noise_lambda: auto`` (lorasc_tune/cascade.py). The
+paper's searched-alpha/lambda LoRASC is not run here: 9 (alpha, lambda) pairs x 3 rates per
+cell would multiply the LoRASC cost by 9.
+
+Selection: per (task, epochs, rank, method, seed), the learning rate with the best validation
+accuracy (ties to the smaller rate, recipes/paper_selection.select_best); the table reports that
+rate's test accuracy and its train accuracy (the model at the end of training, on its own
+training rows), mean ± std over seeds.
+
+Cells: ``cells/<task>/e<epochs>_r<rank>/<method>/seed<k>_lr<x>.json``, written atomically and
+skipped when present. The order is task, seed, epochs, rank, method, rate: one seed of the whole
+rank x epochs grid (the shape Fig. 2 is about) lands before the next seed tightens it, and each
+(seed, epochs, rank) comparison of every method at every rate completes before the next begins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import replicate_minilm as rm  # noqa: E402  (puts the repo and recipes/ on sys.path)
+from lorasc_tune.config import LoRASCConfig  # noqa: E402
+from lorasc_tune.io import atomic_write_text  # noqa: E402
+from make_ablation_configs import ROWS  # noqa: E402
+from paper_cells import format_value as format_lr  # noqa: E402
+from paper_methods import TASK_LABELS  # noqa: E402
+from paper_selection import select_best  # noqa: E402
+from paper_tables import mean_std  # noqa: E402
+
+# name -> (label, lorasc block)
+METHODS: Dict[str, tuple] = {
+    "lora": ("LoRA", ROWS["lora"]),
+    "cola": ("COLA", ROWS["cola"]),
+    "slow": ("++Slow (α 0.5)", ROWS["slow"]),
+    "noise": ("LoRASC (α 0.5, λ 1)", ROWS["noise"]),
+    "lorasc_auto": ("LoRASC (α, λ auto)", dict(ROWS["noise"], slow_alpha="auto",
+                                               noise_lambda="auto")),
+}
+TASKS = ("sst2", "cb")
+RANKS = (8, 32, 128)
+EPOCHS = (5, 20)
+# Sizes from one measured cell (SST-2, LoRASC, rank 128, 20 epochs, 256 rows: see BENCHMARKS
+# §6): about 70 s of CPU on one thread. 256 SST-2 rows (twice §4's) make the test accuracy less
+# noisy while 20 epochs (640 steps) still drive LoRA to 100% train accuracy; CB's train file
+# holds 250 rows, of which 100 go to validation, so it keeps 150.
+DEFAULTS = dict(rm.DEFAULTS, num_train={"sst2": 256, "cb": 150})
+del DEFAULTS["epochs"], DEFAULTS["lora_rank"], DEFAULTS["lora_alpha"]  # they are the grid
+SMOKE = dict(DEFAULTS, num_train={"sst2": 24, "cb": 24}, num_dev=8, num_eval=16, max_seq_len=32)
+ALPHA_PER_RANK = 2.0  # lora_alpha = 2 x rank: scale 2 at every rank, as §4's rank 8 / alpha 16
+# The §4 grid: on MiniLM at rank 8 validation picked each of the three rates for some rows, the
+# top one mostly for the LoRASC rows; with scale 2 the step grows with rank, and 20 epochs
+# favour smaller rates, so the grid keeps 5e-4 at the bottom rather than moving up.
+DEFAULT_LRS = (5e-4, 2e-3, 8e-3)
+DEFAULT_SEEDS = (0, 1, 2)
+RESULT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    epochs: int
+    rank: int
+    method: str
+    seed: int
+    lr: float
+
+    def path(self, out_dir: Path) -> Path:
+        return (out_dir / "cells" / self.task / f"e{self.epochs}_r{self.rank}" / self.method
+                / f"seed{self.seed}_lr{format_lr(self.lr)}.json")
+
+
+def all_cells(tasks, epochs, ranks, methods, seeds, lrs) -> List[Cell]:
+    """Task, seed, epochs, rank, method, rate: whole comparisons land first (module doc)."""
+    return [Cell(t, e, r, m, k, lr) for t in tasks for k in seeds for e in epochs
+            for r in ranks for m in methods for lr in lrs]
+
+
+def task_sizes(s: dict, task: str) -> dict:
+    return dict(s, num_train=s["num_train"][task])
+
+
+def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, list]) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    cfg = LoRASCConfig.from_config(METHODS[cell.method][1])
+    model = rm.build_classifier(cell.task, cell.seed, base_state, factory, cell.rank,
+                                ALPHA_PER_RANK * cell.rank, dora=False)
+    cascade, diverged = rm.train_cascade(model, cfg, cell.seed, cell.lr,
+                                         dict(s, epochs=cell.epochs), data["train"])
+    engine = cascade.engine
+    result = {
+        "version": RESULT_VERSION, "task": cell.task, "epochs": cell.epochs, "rank": cell.rank,
+        "lora_alpha": ALPHA_PER_RANK * cell.rank, "method": cell.method,
+        "label": METHODS[cell.method][0], "seed": cell.seed, "lr": cell.lr,
+        "lorasc": cfg.to_dict(), "metric": "acc", "diverged": diverged,
+        "sizes": {k: len(v) for k, v in data.items()}, "optimizer_steps": cascade.global_step,
+        "experts": engine.expert, "train_loss_per_expert": cascade.expert_losses,
+        "noise_width_mean_per_expert": {t: statistics.fmean(w)
+                                        for t, w in engine.noise_std.items()},
+    }
+    if cfg.slow_alpha == "auto" or cfg.noise_lambda == "auto":
+        # What the rule chose, per expert, averaged over the 12 adapted matrices.
+        result["auto_alpha_mean_per_expert"] = {t: statistics.fmean(a) for t, a in
+                                                engine.auto_alpha.items()}
+        result["auto_lambda_mean_per_expert"] = {t: statistics.fmean(v) for t, v in
+                                                 engine.auto_lambda.items()}
+    if not diverged:
+        for split in ("train", "validation", "test"):
+            result[split] = {"acc": rm.accuracy(model, data[split], s["eval_batch_size"])}
+    result["seconds"] = {"total": round(time.perf_counter() - t0, 2),
+                         "cpu": round(time.process_time() - c0, 2)}
+    return result
+
+
+def sweep(out_dir: Path, cells: List[Cell], s: dict) -> None:
+    torch.set_num_threads(1)  # the machine is shared; one core for the sweep
+    done = sum(c.path(out_dir).is_file() for c in cells)
+    print(f"{len(cells)} cells, {done} already finished", flush=True)
+    if done == len(cells):
+        return
+    tokenizer, encoder = rm.load_encoder()
+    base_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    from transformers import AutoModel
+
+    def factory():
+        return AutoModel.from_config(encoder.config)
+
+    cache: Dict[tuple, dict] = {}
+    for c in cells:
+        if c.path(out_dir).is_file():
+            continue
+        key = (c.task, c.seed)
+        if key not in cache:
+            cache.clear()
+            raw = rm.task_splits(c.task, c.seed, task_sizes(s, c.task))
+            cache[key] = {k: rm.encode(tokenizer, v, s["max_seq_len"]) for k, v in raw.items()}
+        res = run_cell(c, s, base_state, factory, cache[key])
+        res["settings"] = rm.settings_record(s)
+        res["host"] = platform.node()
+        atomic_write_text(c.path(out_dir), json.dumps(res, indent=1) + "\n")
+        done += 1
+        acc = ("diverged" if res["diverged"] else
+               f"train {res['train']['acc']:.1f} val {res['validation']['acc']:.1f} "
+               f"test {res['test']['acc']:.1f}")
+        print(f"[{done}/{len(cells)}] {c.task} e{c.epochs} r{c.rank} {c.method} seed{c.seed} "
+              f"lr{format_lr(c.lr)}: {acc} ({res['seconds']['total']:.1f}s wall, "
+              f"{res['seconds']['cpu']:.1f}s CPU)", flush=True)
+
+
+# ---- table and plot ---------------------------------------------------------------------------
+
+
+def load_results(out_dir: Path, cells: List[Cell]) -> Dict[Cell, dict]:
+    return {c: json.loads(c.path(out_dir).read_text()) for c in cells if c.path(out_dir).is_file()}
+
+
+def summarize(results: Dict[Cell, dict], tasks, epochs, ranks, methods, seeds, lrs) -> dict:
+    """``{(task, epochs, rank, method): {"test", "train": mean_std, "lrs": chosen rates}}``.
+
+    A seed counts once all its rates are finished and at least one did not diverge.
+    """
+    out = {}
+    for t in tasks:
+        for e in epochs:
+            for r in ranks:
+                for m in methods:
+                    chosen = []
+                    for k in seeds:
+                        group = [Cell(t, e, r, m, k, lr) for lr in lrs]
+                        if all(c in results for c in group):
+                            best = select_best(results[c] for c in group)
+                            if best is not None:
+                                chosen.append(best)
+                    if chosen:
+                        out[(t, e, r, m)] = {
+                            "test": mean_std([b["test"]["acc"] for b in chosen]),
+                            "train": mean_std([b["train"]["acc"] for b in chosen]),
+                            "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen]}
+    return out
+
+
+def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str:
+    cells = all_cells(tasks, epochs, ranks, methods, seeds, lrs)
+    results = load_results(out_dir, cells)
+    summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
+    cpu_h = sum(r["seconds"]["cpu"] for r in results.values()) / 3600
+    status = ("complete" if len(results) == len(cells) else
+              f"PARTIAL: {len(results)} of {len(cells)} cells finished")
+    s = json.loads((out_dir / "settings.json").read_text())["sizes"] \
+        if (out_dir / "settings.json").is_file() else {}
+    lines = [f"Status: {status}; {cpu_h:.2f} CPU-hours in the finished cells (one thread each).",
+             "",
+             f"all-MiniLM-L6-v2, LoRA on query/value of all 6 layers, lora_alpha = 2 x rank; "
+             f"one expert per epoch; train rows {s.get('num_train')}, validation "
+             f"{s.get('num_dev')}, test up to {s.get('num_eval')} (MeZO sampling per seed), "
+             f"batch {s.get('batch_size')}, max_seq_len {s.get('max_seq_len')}, AdamW, linear "
+             f"schedule with {s.get('warmup_ratio')} warmup. Learning rate selected on "
+             f"validation per task, epochs, rank, method and seed from "
+             f"{{{', '.join(format_lr(x) for x in lrs)}}} (ties to the smaller rate). "
+             f"Entries: test accuracy mean ± std over seeds {', '.join(map(str, seeds))}, then "
+             f"[train accuracy mean] of the same selected runs. (k/{len(seeds)}): only k seeds "
+             f"have every rate finished. Bold: best test mean in the column.", ""]
+    for t in tasks:
+        for e in epochs:
+            lines += [f"### {TASK_LABELS[t]}, {e} epochs", "",
+                      "| Method | " + " | ".join(f"r={r}" for r in ranks) + " |",
+                      "|---|" + "---|" * len(ranks)]
+            best = {r: max((summary[(t, e, r, m)]["test"]["mean"] for m in methods
+                            if (t, e, r, m) in summary), default=None) for r in ranks}
+            for m in methods:
+                entries = []
+                for r in ranks:
+                    st = summary.get((t, e, r, m))
+                    if st is None:
+                        entries.append("—")
+                        continue
+                    text = f"{st['test']['mean']:.1f} ± {st['test']['std']:.1f}"
+                    if st["test"]["n"] < len(seeds):
+                        text += f" ({st['test']['n']}/{len(seeds)})"
+                    if math.isclose(st["test"]["mean"], best[r]):
+                        text = f"**{text}**"
+                    entries.append(f"{text} [{st['train']['mean']:.1f}]")
+                lines.append(f"| {METHODS[m][0]} | " + " | ".join(entries) + " |")
+            lines.append("")
+    # The rates validation chose: tells whether the grid's ends cut the search short.
+    lines += ["Selected learning rates (per seed, in seed order):", ""]
+    for key, st in summary.items():
+        t, e, r, m = key
+        lines.append(f"- {TASK_LABELS[t]} e{e} r{r} {METHODS[m][0]}: "
+                     f"{', '.join(format_lr(x) for x in st['lrs'])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]:
+    """One PNG per task: test (top) and train (bottom) accuracy against rank, per epoch count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(out_dir, all_cells(tasks, epochs, ranks, methods, seeds, lrs))
+    summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
+    paths = []
+    for t in tasks:
+        if not any(k[0] == t for k in summary):
+            continue
+        fig, axes = plt.subplots(2, len(epochs), figsize=(4.5 * len(epochs), 7), squeeze=False,
+                                 sharex=True)
+        for j, e in enumerate(epochs):
+            for i, split in enumerate(("test", "train")):
+                ax = axes[i][j]
+                for m in methods:
+                    pts = [(r, summary[(t, e, r, m)][split]) for r in ranks
+                           if (t, e, r, m) in summary]
+                    if pts:
+                        ax.errorbar([r for r, _ in pts], [st["mean"] for _, st in pts],
+                                    yerr=[st["std"] for _, st in pts], marker="o", capsize=3,
+                                    label=METHODS[m][0])
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(list(ranks), [str(r) for r in ranks])
+                ax.set_title(f"{TASK_LABELS[t]}, {e} epochs: {split} accuracy")
+                ax.grid(alpha=0.3)
+                if i == 1:
+                    ax.set_xlabel("LoRA rank")
+                if j == 0:
+                    ax.set_ylabel(f"{split} accuracy (%), mean ± std over seeds")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("all-MiniLM-L6-v2: learning rate selected on validation per cell",
+                     fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"{t}_rank_epochs.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", type=Path, default=rm.REPO / "bench" / "results" / "rank_epochs")
+    p.add_argument("--tasks", type=rm._csv(str), default=list(TASKS))
+    p.add_argument("--epochs", type=rm._csv(int), default=list(EPOCHS))
+    p.add_argument("--ranks", type=rm._csv(int), default=list(RANKS))
+    p.add_argument("--methods", type=rm._csv(str), default=list(METHODS))
+    p.add_argument("--seeds", type=rm._csv(int), default=list(DEFAULT_SEEDS))
+    p.add_argument("--lrs", type=rm._csv(float), default=list(DEFAULT_LRS))
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and LoRASC auto")
+    p.add_argument("--table", action="store_true", help="only write table.md and the plots")
+    a = p.parse_args(argv)
+    s = dict(SMOKE if a.smoke else DEFAULTS)
+    if a.smoke:
+        a.tasks, a.epochs, a.ranks, a.methods, a.seeds, a.lrs = (
+            ["sst2"], [2], [2, 4], ["lora", "lorasc_auto"], [0], [2e-3])
+    for name, given, known in (("task", a.tasks, TASKS), ("method", a.methods, METHODS)):
+        bad = [x for x in given if x not in known]
+        if bad:
+            p.error(f"unknown {name}(s) {bad}; known: {', '.join(known)}")
+    grid = (a.tasks, a.epochs, a.ranks, a.methods, a.seeds, a.lrs)
+    if not a.table:
+        rm.check_settings(a.out_dir, s, {"tasks": a.tasks, "epochs": a.epochs,
+                                         "ranks": a.ranks, "methods": a.methods,
+                                         "seeds": a.seeds, "lrs": a.lrs})
+        sweep(a.out_dir, all_cells(*grid), s)
+    tasks = [t for t in TASKS if t in a.tasks]
+    methods = [m for m in METHODS if m in a.methods]
+    ordered = (tasks, sorted(a.epochs), sorted(a.ranks), methods, a.seeds, a.lrs)
+    table = build_table(a.out_dir, *ordered)
+    atomic_write_text(a.out_dir / "table.md", table)
+    plot(a.out_dir, *ordered)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
