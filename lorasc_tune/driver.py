@@ -153,6 +153,11 @@ class Cascade:
         return (f"expert {self.engine.expert}/{self.num_experts}|epoch {self.epoch}|"
                 f"step {self.global_step}")
 
+    def describe_plan(self) -> str:
+        """The line a recipe logs once the plan is known."""
+        return (f"LoRASC: {self.num_experts} expert(s) over {self.plan.total_steps} steps "
+                f"({self.steps_per_epoch}/epoch); {self.cfg}")
+
     def describe_resume(self) -> str:
         """The line a recipe logs after :meth:`load_state_dict`."""
         where = "" if self.engine.expert_open else " finished, the next begins now"

@@ -9,6 +9,7 @@ of a recipe needs only ``lorasc_tune`` installed.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -22,6 +23,113 @@ from lorasc_tune.config import check_checkpoint_files, check_dataset_rows, check
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
 from lorasc_tune.io import replace_dir
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level training keys every recipe reads, read (and checked) in one place.
+
+    Attributes:
+        output_dir: where epochs, the training state and logs go.
+        epochs: epochs in the run.
+        grad_accum: ``gradient_accumulation_steps``.
+        resume: ``resume_from_checkpoint``.
+        save_every_n_steps: also save the training state every N optimizer steps (or never).
+        save_final_model_only: export only the last epoch's model (a 7B model is 13.5 GB per
+            epoch; sweeps rarely want the others).
+        keep_last_n_states: sharded training states kept (the FSDP2 recipe).
+        activation_checkpointing / activation_offloading: torchtune's memory savers.
+        seed: the run's seed, after ``training.set_seed`` (which draws one for ``seed: null``).
+    """
+
+    output_dir: Path
+    epochs: int
+    grad_accum: int
+    resume: bool
+    save_every_n_steps: Optional[int]
+    save_final_model_only: bool
+    keep_last_n_states: int
+    activation_checkpointing: bool
+    activation_offloading: bool
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, device: torch.device) -> "RunSettings":
+        from torchtune import training
+
+        act_ckpt = bool(cfg.get("enable_activation_checkpointing", False))
+        act_offload = bool(cfg.get("enable_activation_offloading", False))
+        if act_offload and (device.type != "cuda" or not act_ckpt):
+            raise ValueError("enable_activation_offloading needs CUDA and "
+                             "enable_activation_checkpointing: true")
+        return cls(
+            output_dir=Path(cfg.output_dir), epochs=cfg.epochs,
+            grad_accum=cfg.get("gradient_accumulation_steps", 1),
+            resume=bool(cfg.get("resume_from_checkpoint", False)),
+            save_every_n_steps=cfg.get("save_every_n_steps", None),
+            save_final_model_only=bool(cfg.get("save_final_model_only", False)),
+            keep_last_n_states=cfg.get("keep_last_n_states", None) or 1,
+            activation_checkpointing=act_ckpt, activation_offloading=act_offload,
+            seed=training.set_seed(seed=cfg.seed,
+                                   debug_mode=cfg.get("cudnn_deterministic_mode", None)))
+
+    def save_state_at_epoch_end(self, cascade: Cascade, save_state: Callable[[], None]) -> bool:
+        """At an epoch's end: save the training state while the run goes on (a finished run
+        needs none); return whether to export this epoch's model as well."""
+        if cascade.finished:
+            return True
+        save_state()
+        return not self.save_final_model_only
+
+    def periodic_save_due(self, cascade: Cascade) -> bool:
+        """True after a step at which ``save_every_n_steps`` asks for a state, except at an
+        epoch's end (the epoch's own save follows)."""
+        return bool(self.save_every_n_steps and cascade.steps_done_in_epoch
+                    and cascade.global_step % self.save_every_n_steps == 0)
+
+
+def cascade_from_config(model: torch.nn.Module, cfg: DictConfig, run: RunSettings, *,
+                        steps_per_epoch: int, device: torch.device, global_batch_size: int,
+                        metric_logger: Any, throughput_name: str, world_size: int = 1,
+                        master_source: Optional[Dict[str, torch.Tensor]] = None) -> Cascade:
+    """The driver from a recipe config: ``lorasc``, ``optimizer``, ``lr_scheduler``,
+    ``clip_grad_norm``, ``log_every_n_steps`` and ``log_peak_memory_stats`` are read here."""
+    cascade = Cascade(
+        model, cfg.get("lorasc", None), seed=run.seed, steps_per_epoch=steps_per_epoch,
+        epochs=run.epochs, optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler", None),
+        clip_grad_norm=cfg.get("clip_grad_norm", None), global_batch_size=global_batch_size,
+        master_source=master_source, metric_logger=metric_logger,
+        log_every_n_steps=cfg.get("log_every_n_steps", None), throughput_name=throughput_name,
+        world_size=world_size,
+        memory_device=device if cfg.get("log_peak_memory_stats", False) and device.type == "cuda"
+        else None)
+    return cascade
+
+
+def check_checkpoint_fits(model: torch.nn.Module, missing: List[str], unexpected: List[str]
+                          ) -> None:
+    """Refuse a base checkpoint that does not fit ``cfg.model`` (adapters are not in it)."""
+    from torchtune.modules.peft import get_adapter_params
+
+    adapter_keys = set(get_adapter_params(model))
+    missing = [k for k in missing if k not in adapter_keys]
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit cfg.model: missing {missing[:5]}, "
+                         f"unexpected {list(unexpected)[:5]}")
+
+
+def prepare_lora_model(model: torch.nn.Module, cfg: DictConfig, run: RunSettings,
+                       verbose: bool = True) -> None:
+    """Adapters trainable, the rest frozen; then ``compile`` and activation checkpointing."""
+    from torchtune import modules, training
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    set_trainable_params(model, get_adapter_params(model))
+    if cfg.compile:
+        training.compile_model(model, verbose=verbose)
+    if run.activation_checkpointing:
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
 
 
 def device_and_dtype(cfg: DictConfig) -> Tuple[torch.device, torch.dtype]:
@@ -188,7 +296,11 @@ def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable
 
 
 __all__ = [
+    "RunSettings",
     "backward_token_sums",
+    "cascade_from_config",
+    "check_checkpoint_fits",
+    "prepare_lora_model",
     "device_and_dtype",
     "lm_loss",
     "optimizer_steps",

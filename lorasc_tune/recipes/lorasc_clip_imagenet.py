@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,11 +37,11 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from lorasc_tune.adapters import init_dora_magnitudes, merged_state_dict
 from lorasc_tune.checkpoint import load_training_state, restore_training_state, save_training_state
 from lorasc_tune.config import validate_recipe_config
-from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import NonFiniteLossError
 from lorasc_tune.io import replace_dir
 from lorasc_tune.plan import steps_per_epoch
-from lorasc_tune.recipe_common import device_and_dtype, optimizer_steps, run_recipe
+from lorasc_tune.recipe_common import (RunSettings, cascade_from_config, device_and_dtype,
+                                       optimizer_steps, run_recipe)
 from lorasc_tune.sampling import ResumableSampler
 from lorasc_tune.vision.convert import check_tower_shapes, load_pretrained_tower
 from lorasc_tune.vision.data import build_dataset, build_loader, eval_transform, train_transform
@@ -61,15 +60,12 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         validate_recipe_config(cfg, sections=("model", "data", "optimizer", "output_dir"))
         self._device, self._dtype = device_and_dtype(cfg)
-        self._output_dir = Path(cfg.output_dir)
-        self.seed = training.set_seed(seed=cfg.seed)
-        self.total_epochs = cfg.epochs
-        self._grad_accum = cfg.gradient_accumulation_steps
-        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._run = RunSettings.from_config(cfg, self._device)
 
     # ---- setup ------------------------------------------------------------------------------
 
     def setup(self, cfg: DictConfig) -> None:
+        run = self._run
         # 1. Inputs that can be wrong are read first; nothing is written yet.
         d = cfg.data
         # The transform needs the model's input size; it is attached once the model exists.
@@ -88,7 +84,7 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                         ev.get("imagenet_index", None), key_prefix="eval.sets.")
         ckpt_path = (cfg.get("checkpoint", None) or {}).get("path", None)
         pretrained = load_pretrained_tower(ckpt_path) if ckpt_path else None
-        resume_state = load_training_state(self._output_dir) if self._resume else None
+        resume_state = load_training_state(run.output_dir) if run.resume else None
 
         # 2. Model: tower (+ adapters) and head, pretrained weights, trainable set.
         self._model = self._setup_model(cfg, pretrained)
@@ -107,28 +103,21 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         # 3. Data order, and the cascade over the run's optimizer steps.
         self._sampler = ResumableSampler(self._train_set, shuffle=cfg.get("shuffle", True))
         self._loader = build_loader(self._train_set, cfg.batch_size, sampler=self._sampler,
-                                    num_workers=d.get("num_workers", 4), seed=self.seed,
+                                    num_workers=d.get("num_workers", 4), seed=run.seed,
                                     drop_last=True, persistent_workers=False)
-        self._cascade = c = Cascade(
-            self._model, cfg.get("lorasc", None), seed=self.seed,
-            steps_per_epoch=steps_per_epoch(len(self._loader), self._grad_accum,
+        self._cascade = cascade_from_config(
+            self._model, cfg, run, device=self._device,
+            steps_per_epoch=steps_per_epoch(len(self._loader), run.grad_accum,
                                             cfg.get("max_steps_per_epoch", None)),
-            epochs=self.total_epochs, optimizer=cfg.optimizer,
-            lr_scheduler=cfg.get("lr_scheduler", None),
-            clip_grad_norm=cfg.get("clip_grad_norm", None),
-            global_batch_size=cfg.batch_size * self._grad_accum,
-            metric_logger=self._metric_logger,
-            log_every_n_steps=cfg.get("log_every_n_steps", None),
-            throughput_name="images_per_second",
-            memory_device=self._device if self._device.type == "cuda" else None)
-        log.info(f"LoRASC: {c.num_experts} expert(s) over {c.plan.total_steps} steps "
-                 f"({c.steps_per_epoch}/epoch), {len(self._train_set)} images, "
-                 f"{len(self._class_ids)} classes; {c.cfg}")
+            global_batch_size=cfg.batch_size * run.grad_accum,
+            metric_logger=self._metric_logger, throughput_name="images_per_second")
+        log.info(f"{self._cascade.describe_plan()}; {len(self._train_set)} images, "
+                 f"{len(self._class_ids)} classes")
 
         # 4. The saved state of an interrupted run.
         if resume_state is not None:
-            restore_training_state(self._model, c, resume_state)
-            log.info(c.describe_resume())
+            restore_training_state(self._model, self._cascade, resume_state)
+            log.info(self._cascade.describe_resume())
 
     def _setup_model(self, cfg: DictConfig, pretrained) -> torch.nn.Module:
         model_cfg = OmegaConf.merge(cfg.model, {"num_classes": len(self._class_ids)})
@@ -152,20 +141,20 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
     # ---- training ---------------------------------------------------------------------------
 
     def train(self) -> None:
-        c = self._cascade
-        for epoch in range(c.epoch, self.total_epochs):
+        c, run = self._cascade, self._run
+        for epoch in range(c.epoch, run.epochs):
             # Augmentation randomness depends on (seed, epoch) only, so a resumed epoch
             # sees the same crops and flips as an uninterrupted run.
-            self._loader.generator.manual_seed(self.seed * 100_003 + epoch)
+            self._loader.generator.manual_seed(run.seed * 100_003 + epoch)
             self._model.train()
             for micro_batches in optimizer_steps(self._loader, self._sampler, c, epoch,
-                                                 self._grad_accum):
+                                                 run.grad_accum):
                 c.begin_step()
                 step_loss, seen = 0.0, 0
                 for images, labels in micro_batches:
                     images = images.to(self._device, non_blocking=True)
                     labels = labels.to(self._device, non_blocking=True)
-                    loss = self._loss_fn(self._model(images).float(), labels) / self._grad_accum
+                    loss = self._loss_fn(self._model(images).float(), labels) / run.grad_accum
                     step_loss, seen = step_loss + loss.detach(), seen + labels.numel()
                     loss.backward()
                 if c.step(step_loss, num_items=seen).ended_expert:
@@ -185,14 +174,14 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         if bad:
             raise NonFiniteLossError(f"non-finite values in {', '.join(bad[:5])} after epoch "
                                      f"{epoch}; nothing was saved")
-        staging = self._output_dir / ".staging_merged"
+        staging = self._run.output_dir / ".staging_merged"
         merged = merged_state_dict(self._model, self._cascade.engine.master_weights())
         save_classifier(merged, self._model.arch, self._class_ids,
                         self._model.normalize, staging, source=self._source)
-        final = self._output_dir / "merged"
+        final = self._run.output_dir / "merged"
         replace_dir(staging, final)
-        if not self._cascade.finished:
-            save_training_state(self._output_dir, self._model, self._cascade, seed=self.seed)
+        self._run.save_state_at_epoch_end(self._cascade, lambda: save_training_state(
+            self._run.output_dir, self._model, self._cascade, seed=self._run.seed))
         log.info(f"Merged model after epoch {epoch} saved to {final} "
                  f"in {time.perf_counter() - t0:.1f}s")
         self.last_output_path = final
@@ -209,7 +198,7 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
             num_workers=cfg.data.get("num_workers", 4),
             index_dir=ev.get("imagenet_index", None), limit=ev.get("limit", None),
             on_bad_file=cfg.data.get("on_bad_file", "error"))
-        path = self._output_dir / "eval_report.json"
+        path = self._run.output_dir / "eval_report.json"
         write_json(results, path, extra={"checkpoint": str(self.last_output_path)})
         log.info("Robustness evaluation:\n" + format_table(results) + f"\n(JSON: {path})")
         self._metric_logger.log_dict({f"eval/{k}": v["top1"] for k, v in results.items()},

@@ -29,14 +29,13 @@ import os
 import sys
 import time
 from functools import partial
-from pathlib import Path
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torchtune import config, modules, training, utils
-from torchtune.modules.peft import DoRALinear, LoRALinear, get_adapter_params, set_trainable_params
+from torchtune import config, training, utils
+from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.recipe_interfaces import FTRecipeInterface
 
 from lorasc_tune.adapters import merged_state_dict
@@ -46,18 +45,9 @@ from lorasc_tune.checkpoint import (
     save_sharded_training_state,
 )
 from lorasc_tune.config import validate_recipe_config
-from lorasc_tune.driver import Cascade
 from lorasc_tune.io import removed_on_error
 from lorasc_tune.plan import steps_per_epoch
-from lorasc_tune.recipe_common import (
-    backward_token_sums,
-    device_and_dtype,
-    lm_loss,
-    optimizer_steps,
-    read_llm_inputs,
-    run_recipe,
-    save_with_checkpointer,
-)
+from lorasc_tune import recipe_common as common
 from lorasc_tune.sampling import build_dataloader
 
 log = utils.get_logger("INFO")
@@ -68,7 +58,7 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_recipe_config(cfg)
-        self._device, self._dtype = device_and_dtype(cfg)
+        self._device, self._dtype = common.device_and_dtype(cfg)
         if _is_quantized_base(cfg.model):
             # NF4's scales are per-matrix statistics, so requantizing from a master is not a
             # row-local operation on FSDP2 shards (docs/merge_precision.md).
@@ -78,38 +68,25 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 "distributed recipe needs a bf16/fp32 base")
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self.is_rank_zero = self.rank == 0
-        self._output_dir = Path(cfg.output_dir)
-        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
-        # Sweeps with a 7B model may want only the last merged model (13.5 GB per epoch).
-        self._save_final_model_only = cfg.get("save_final_model_only", False)
-        self._keep_last_n_states = cfg.get("keep_last_n_states", 1)
         # Every rank draws the same numbers: the cascade's own draws are counter-based, and the
         # model's (dropout) are per rank anyway.
-        self.seed = training.set_seed(seed=cfg.seed,
-                                      debug_mode=cfg.get("cudnn_deterministic_mode", None))
-        self.total_epochs = cfg.epochs
-        self._resume = cfg.get("resume_from_checkpoint", False)
-        self._grad_accum = cfg.gradient_accumulation_steps
-        self._act_offload = cfg.get("enable_activation_offloading", False)
+        self._run = common.RunSettings.from_config(cfg, self._device)
         self._cpu_offload = cfg.get("fsdp_cpu_offload", False)
-        if self._act_offload and (self._device.type != "cuda"
-                                  or not cfg.get("enable_activation_checkpointing", False)):
-            raise ValueError("enable_activation_offloading needs CUDA and "
-                             "enable_activation_checkpointing: true")
 
     # ---- setup ------------------------------------------------------------------------------
 
     def setup(self, cfg: DictConfig) -> None:
+        run = self._run
         # 1. Checks before anything is written (every rank checks; all fail alike).
-        self._tokenizer, self._loss_fn, dataset = read_llm_inputs(cfg)
-        state_dir = latest_sharded_state(self._output_dir) if self._resume else None
-        if self._resume and state_dir is None:
+        self._tokenizer, self._loss_fn, dataset = common.read_llm_inputs(cfg)
+        state_dir = latest_sharded_state(run.output_dir) if run.resume else None
+        if run.resume and state_dir is None:
             raise FileNotFoundError(
                 f"resume_from_checkpoint is true but there is no sharded LoRASC training state "
-                f"under {self._output_dir / 'lorasc_state'}")
+                f"under {run.output_dir / 'lorasc_state'}")
 
         # A failure from here on removes the output folder if this run created it.
-        with removed_on_error(self._output_dir):
+        with removed_on_error(run.output_dir):
             # 2. Components that write (rank 0 logs; every rank reads the checkpoint, mmap'ed).
             self._metric_logger = None
             if self.is_rank_zero:
@@ -130,43 +107,31 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
             # checkpoint as loaded, each rank keeping the rows of its own shard.
             self._sampler, self._dataloader = build_dataloader(
                 dataset, cfg, pad_id=self._tokenizer.pad_id,
-                ignore_idx=self._loss_fn.ignore_index, seed=self.seed,
+                ignore_idx=self._loss_fn.ignore_index, seed=run.seed,
                 num_replicas=self.world_size, rank=self.rank)
-            self._cascade = Cascade(
-                self._model, cfg.get("lorasc", None), seed=self.seed,
-                steps_per_epoch=steps_per_epoch(len(self._dataloader), self._grad_accum,
+            self._cascade = common.cascade_from_config(
+                self._model, cfg, run, device=self._device, master_source=base_state,
+                steps_per_epoch=steps_per_epoch(len(self._dataloader), run.grad_accum,
                                                 cfg.get("max_steps_per_epoch", None)),
-                epochs=self.total_epochs, optimizer=cfg.optimizer,
-                lr_scheduler=cfg.get("lr_scheduler", None),
-                clip_grad_norm=cfg.get("clip_grad_norm", None),
-                global_batch_size=cfg.batch_size * self.world_size * self._grad_accum,
-                master_source=base_state, metric_logger=self._metric_logger,
-                log_every_n_steps=cfg.get("log_every_n_steps", None),
-                throughput_name="tokens_per_second_per_gpu", world_size=self.world_size,
-                memory_device=self._device if cfg.get("log_peak_memory_stats", False)
-                and self._device.type == "cuda" else None)
+                global_batch_size=cfg.batch_size * self.world_size * run.grad_accum,
+                metric_logger=self._metric_logger, throughput_name="tokens_per_second_per_gpu",
+                world_size=self.world_size)
             del base_state
-            c = self._cascade
-            utils.log_rank_zero(
-                log, f"LoRASC: {c.num_experts} expert(s) over {c.plan.total_steps} steps "
-                     f"({c.steps_per_epoch}/epoch) on {self.world_size} processes; {c.cfg}")
+            utils.log_rank_zero(log, f"{self._cascade.describe_plan()}; {self.world_size} "
+                                     f"processes")
 
             # 5. The saved state of an interrupted run.
             if state_dir is not None:
-                meta = load_sharded_training_state(state_dir, self._model, c)
-                utils.log_rank_zero(log, f"{c.describe_resume()} (from {state_dir}, saved by "
-                                         f"{meta['world_size']} processes)")
+                meta = load_sharded_training_state(state_dir, self._model, self._cascade)
+                utils.log_rank_zero(log, f"{self._cascade.describe_resume()} (from "
+                                         f"{state_dir}, saved by {meta['world_size']} processes)")
             dist.barrier()
 
-    def _setup_model(self, cfg: DictConfig, base_state: Dict[str, Any]) -> torch.nn.Module:
+    def _setup_model(self, cfg: DictConfig, base_state: Dict[str, torch.Tensor]
+                     ) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
-        set_trainable_params(model, get_adapter_params(model))
-        if cfg.compile:
-            training.compile_model(model, verbose=self.is_rank_zero)
-        if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        common.prepare_lora_model(model, cfg, self._run, verbose=self.is_rank_zero)
         training.shard_model(
             model=model,
             shard_conditions=[partial(training.get_shard_conditions,
@@ -183,29 +148,23 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                     m.initialize_parameters()
                 if hasattr(m, "rope_init"):
                     m.rope_init()
-        missing, unexpected = training.load_from_full_model_state_dict(
-            model, base_state, self._device, strict=False, cpu_offload=self._cpu_offload)
-        adapter_keys = set(get_adapter_params(model))
-        missing = [k for k in missing if k not in adapter_keys]
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint does not fit cfg.model: missing {missing[:5]}, "
-                             f"unexpected {list(unexpected)[:5]}")
+        common.check_checkpoint_fits(model, *training.load_from_full_model_state_dict(
+            model, base_state, self._device, strict=False, cpu_offload=self._cpu_offload))
         training.validate_no_params_on_meta_device(model)
-        self._activations_ctx = training.get_act_offloading_ctx_manager(model, self._act_offload)
+        self._activations_ctx = training.get_act_offloading_ctx_manager(
+            model, self._run.activation_offloading)
         return model
 
-    # ---- training ---------------------------------------------------------------------------
-
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(self._model, self._loss_fn, batch, self._activations_ctx)
+        return common.lm_loss(self._model, self._loss_fn, batch, self._activations_ctx)
 
     def train(self) -> None:
-        c = self._cascade
-        for epoch in range(c.epoch, self.total_epochs):
-            for micro_batches in optimizer_steps(self._dataloader, self._sampler, c, epoch,
-                                                 self._grad_accum, self.is_rank_zero):
+        c, run = self._cascade, self._run
+        for epoch in range(c.epoch, run.epochs):
+            for micro_batches in common.optimizer_steps(self._dataloader, self._sampler, c,
+                                                        epoch, run.grad_accum, self.is_rank_zero):
                 c.begin_step()
-                loss_sum, num_tokens = backward_token_sums(
+                loss_sum, num_tokens = common.backward_token_sums(
                     micro_batches, self._device, self._loss_fn.ignore_index, self._loss_step)
                 # Normalise by the tokens of the whole global batch; FSDP averages gradients
                 # over ranks, so multiplying by world_size turns that average into a sum.
@@ -213,33 +172,30 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 dist.all_reduce(loss_sum)
                 training.scale_grads(self._model, self.world_size / num_tokens)
                 c.step(loss_sum / num_tokens, num_items=num_tokens)
-                if (self._save_every_n_steps and c.steps_done_in_epoch
-                        and c.global_step % self._save_every_n_steps == 0):
+                if run.periodic_save_due(c):
                     self._save_state()
             self.save_checkpoint(epoch)
 
     # ---- saving -----------------------------------------------------------------------------
 
     def _save_state(self) -> None:
-        save_sharded_training_state(self._output_dir, self._model, self._cascade, seed=self.seed,
-                                    keep_last=self._keep_last_n_states)
+        save_sharded_training_state(self._run.output_dir, self._model, self._cascade,
+                                    seed=self._run.seed, keep_last=self._run.keep_last_n_states)
 
     def save_checkpoint(self, epoch: int) -> None:
         """Consolidate and write ``epoch_{epoch}/`` on rank 0; save the sharded state."""
         t0 = time.perf_counter()
-        if not self._cascade.finished:
-            self._save_state()
-            if self._save_final_model_only:
-                return
+        if not self._run.save_state_at_epoch_end(self._cascade, self._save_state):
+            return
         # Gather the model, and fold from the engine's fp32 masters where it keeps them, as
         # the single-device recipe does (a bf16 run then rounds once, at the export).
         full = training.gather_cpu_state_dict(self._model, self.is_rank_zero,
                                               device=self._device)
         masters = self._cascade.engine.full_master_weights()
-        final_dir = self._output_dir / f"epoch_{epoch}"
+        final_dir = self._run.output_dir / f"epoch_{epoch}"
         if self.is_rank_zero:
             merged = merged_state_dict(self._model, masters, state=full)
-            save_with_checkpointer(self._checkpointer, merged, self._output_dir, epoch)
+            common.save_with_checkpointer(self._checkpointer, merged, self._run.output_dir, epoch)
         del full, masters
         dist.barrier()
         utils.log_rank_zero(log, f"Merged model for epoch {epoch} saved to {final_dir} in "
@@ -272,7 +228,7 @@ def recipe_main(cfg: DictConfig) -> None:
         training.set_torch_num_threads()
     config.log_config(recipe_name="LoRASCRecipeDistributed", cfg=cfg)
     try:
-        run_recipe(LoRASCRecipeDistributed, cfg)
+        common.run_recipe(LoRASCRecipeDistributed, cfg)
     finally:
         dist.destroy_process_group()
 
