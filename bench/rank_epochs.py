@@ -212,8 +212,28 @@ def summarize(results: Dict[Cell, dict], tasks, epochs, ranks, methods, seeds, l
                         out[(t, e, r, m)] = {
                             "test": mean_std([b["test"]["acc"] for b in chosen]),
                             "train": mean_std([b["train"]["acc"] for b in chosen]),
-                            "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen]}
+                            "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen],
+                            "chosen": chosen}
     return out
+
+
+def paired_differences(summary: dict, key: tuple, base: str = "lora") -> List[float]:
+    """Per-seed test-accuracy differences of ``key``'s method minus ``base`` (same splits)."""
+    t, e, r, _ = key
+    other = summary.get((t, e, r, base))
+    if other is None:
+        return []
+    base_by_seed = {b["seed"]: b["test"]["acc"] for b in other["chosen"]}
+    return [b["test"]["acc"] - base_by_seed[b["seed"]] for b in summary[key]["chosen"]
+            if b["seed"] in base_by_seed]
+
+
+def auto_choices(chosen: List[dict]) -> tuple:
+    """Mean α (experts 2..T) and λ (experts 2..T) the auto rule set in the selected runs."""
+    alphas = [a for b in chosen for t, a in b["auto_alpha_mean_per_expert"].items() if t != "1"]
+    lams = [v for b in chosen for v in b["auto_lambda_mean_per_expert"].values()]
+    return (statistics.fmean(alphas) if alphas else math.nan,
+            statistics.fmean(lams) if lams else math.nan)
 
 
 def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str:
@@ -259,6 +279,31 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                     entries.append(f"{text} [{st['train']['mean']:.1f}]")
                 lines.append(f"| {METHODS[m][0]} | " + " | ".join(entries) + " |")
             lines.append("")
+    lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
+              "split, then mean over the seeds both have):", "",
+              "| Task, epochs, rank | " + " | ".join(METHODS[m][0] for m in methods
+                                                    if m != "lora") + " |",
+              "|---|" + "---|" * (len(methods) - 1)]
+    for t in tasks:
+        for e in epochs:
+            for r in ranks:
+                entries = []
+                for m in methods:
+                    if m == "lora":
+                        continue
+                    d = (paired_differences(summary, (t, e, r, m))
+                         if (t, e, r, m) in summary else [])
+                    entries.append(f"{statistics.fmean(d):+.1f} (n={len(d)})" if d else "—")
+                lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(entries) + " |")
+    lines.append("")
+    auto_rows = [(k, v) for k, v in summary.items() if k[3] == "lorasc_auto"]
+    if auto_rows:
+        lines += ["What the auto rule chose in the selected runs (mean over matrices, experts "
+                  "2..T and seeds; fixed LoRASC uses α 0.5, λ 1):", ""]
+        for (t, e, r, _), st in auto_rows:
+            mean_alpha, mean_lambda = auto_choices(st["chosen"])
+            lines.append(f"- {TASK_LABELS[t]} e{e} r{r}: α {mean_alpha:.3f}, λ {mean_lambda:.3f}")
+        lines.append("")
     # The rates validation chose: tells whether the grid's ends cut the search short.
     lines += ["Selected learning rates (per seed, in seed order):", ""]
     for key, st in summary.items():
