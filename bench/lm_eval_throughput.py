@@ -6,11 +6,14 @@
 Both models load the *same* Hugging Face checkpoint folder (a Llama-2-shaped model with random weights,
 written locally: no download) and answer the *same* lm-eval ``loglikelihood`` requests, built by lm-eval
 from the MeZO-protocol multiple-choice tasks on the shared data (``mezo_cb``, ``mezo_copa``,
-``mezo_rte``; 650 requests by default). Each timing is one ``lm.loglikelihood(requests)`` call end to
-end (tokenization included), the two models alternating within each repeat so that machine drift hits
-both alike; reported are the per-model medians and the throughput ratio ``hf time / lorasc time``
-(above 1: ``lorasc`` is faster). Both tokenizers read the same SentencePiece ``tokenizer.model``; the
-script checks that they give the same token ids for every request and that the two models' scores agree.
+``mezo_rte``; 650 requests by default). Each repeat sends all requests to each model in
+``loglikelihood`` calls of about 50 requests (whole documents, so a document's choices stay
+together), end to end (tokenization included), the two models alternating call by call so that the
+load of a shared machine hits both alike; a repeat's time is the sum over its calls. Reported: the
+per-model medians over repeats of wall time, the throughput ratio ``median hf / median lorasc``
+(above 1: ``lorasc`` is faster), the process CPU times beside them, and the load average at the end.
+Both tokenizers read the same SentencePiece ``tokenizer.model``; the script checks that they give
+the same token ids for every request and that the two models' scores agree.
 
 The model is the one bench/overhead.py trains: vocab 32000, dim 512, 4 layers, 8 heads, MLP 1376
 (about 45M parameters), fp32, batch size 8 for both.
@@ -77,6 +80,18 @@ def load_models(ckpt: Path, tokenizer_model: Path, batch_size: int, workdir: Pat
     return ours, stock
 
 
+def doc_chunks(requests, size: int) -> List[List[Any]]:
+    """Consecutive runs of about ``size`` requests that never split one document's requests (its
+    choices), so input sharing within a document is the same whichever way the requests are cut."""
+    chunks: List[List[Any]] = [[]]
+    for i, req in enumerate(requests):
+        new_doc = i == 0 or (req.task_name, req.doc_id) != (requests[i - 1].task_name, requests[i - 1].doc_id)
+        if new_doc and len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].append(req)
+    return [c for c in chunks if c]
+
+
 def same_token_ids(ours, stock, requests) -> int:
     """Number of requests whose (context, continuation) token ids differ between the two models."""
     return sum(ours._encode_pair(*r.args) != stock._encode_pair(*r.args) for r in requests)
@@ -105,30 +120,44 @@ def run(args) -> Dict[str, Any]:
         ours, stock = load_models(ckpt, tokenizer_model, args.batch_size, workdir)
         mismatched = same_token_ids(ours, stock, requests)
         times: Dict[str, List[float]] = {"lorasc": [], "hf": []}
+        cpu_times: Dict[str, List[float]] = {"lorasc": [], "hf": []}
         scores: Dict[str, List[Any]] = {}
         ours.loglikelihood(requests[: args.batch_size], disable_tqdm=True)  # warm-up (allocator, threads)
         stock.loglikelihood(requests[: args.batch_size], disable_tqdm=True)
+        chunks = doc_chunks(requests, args.chunk)
         for rep in range(args.repeats):
-            order = (("lorasc", ours), ("hf", stock)) if rep % 2 == 0 else (("hf", stock), ("lorasc", ours))
-            for name, lm in order:
-                start = time.perf_counter()
-                scores[name] = lm.loglikelihood(requests, disable_tqdm=True)
-                times[name].append(time.perf_counter() - start)
+            for name in times:
+                times[name].append(0.0)
+                cpu_times[name].append(0.0)
+                scores[name] = []
+            for j, chunk in enumerate(chunks):
+                pair = (("lorasc", ours), ("hf", stock))
+                for name, lm in (pair if (rep + j) % 2 == 0 else pair[::-1]):
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    scores[name] += lm.loglikelihood(chunk, disable_tqdm=True)
+                    times[name][-1] += time.perf_counter() - start
+                    cpu_times[name][-1] += time.process_time() - cpu_start
     diff = max(abs(a[0] - b[0]) for a, b in zip(scores["lorasc"], scores["hf"]))
     greedy_agree = sum(a[1] == b[1] for a, b in zip(scores["lorasc"], scores["hf"]))
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+    paired = [h / o for h, o in zip(times["hf"], times["lorasc"])]
     return {
         "what": "lm-eval loglikelihood: lorasc vs stock hf, same checkpoint, same requests",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), "
                    f"torch threads {args.threads}, {platform.system()} {platform.release()}",
         "model": model_args, "dtype": "fp32", "batch_size": args.batch_size,
-        "tasks": [list(t) for t in tasks], "requests": len(requests),
+        "tasks": [list(t) for t in tasks], "requests": len(requests), "calls_per_repeat": len(chunks),
         "token_id_mismatches": mismatched,
         "max_abs_logprob_diff": diff, "greedy_flags_equal": f"{greedy_agree}/{len(requests)}",
+        "load_average_1_5_15": list(os.getloadavg()),
         "seconds": times, "median_seconds": med,
+        "cpu_seconds": cpu_times, "median_cpu_seconds": cpu_med,
         "requests_per_second": {k: len(requests) / v for k, v in med.items()},
         "throughput_ratio_lorasc_over_hf": med["hf"] / med["lorasc"],
+        "cpu_time_ratio_hf_over_lorasc": cpu_med["hf"] / cpu_med["lorasc"],
+        "per_repeat_ratios": paired,
     }
 
 
@@ -138,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--requests", type=int, default=0, help="use only the first N requests")
+    parser.add_argument("--chunk", type=int, default=50,
+                        help="requests per call; the models alternate call by call (whole documents)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and few requests (seconds)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)

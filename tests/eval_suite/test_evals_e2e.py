@@ -77,27 +77,34 @@ def demo_like_checkpoint(tmp_path_factory):
     return ckpt, write_demo_tokenizer(str(root / "assets"))
 
 
-def _offline_subprocess_env():
+def _offline_subprocess_env(**extra):
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                # any HTTP client that tried would be pointed at a closed local port
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
                http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                LORASC_EVAL_DROP_PATH=str(DROP_FIXTURE), TQDM_DISABLE="1")
+    env.update(extra)
     return env
 
 
 def test_cli_runs_full_instructeval_group_offline(demo_like_checkpoint, shared_data, tmp_path):
+    """The whole group through the CLI wrapper, DROP missing as in the shared data: the group runs
+    without it, says so in one line, and prints none of lm-eval's per-task custom-dataset notices."""
     shared_data("mmlu")
     ckpt, tokenizer = demo_like_checkpoint
+    missing_drop = tmp_path / "no_drop" / "drop_dataset_dev.json"
     cmd = [sys.executable, "-m", "evals.lm_eval_cli", "--model", "lorasc",
            "--model_args", f"checkpoint_dir={ckpt},tokenizer_path={tokenizer}",
            "--tasks", "instructeval", "--limit", "1", "--confirm_run_unsafe_code",
            "--device", "cpu", "--batch_size", "16", "--gen_kwargs", "max_gen_toks=4",
            "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_offline_subprocess_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_offline_subprocess_env(LORASC_EVAL_DROP_PATH=str(missing_drop)),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    skip = [line for line in proc.stderr.splitlines() if "skipping instructeval_drop" in line]
+    assert len(skip) == 1 and str(missing_drop) in skip[0] and "LORASC_EVAL_DROP_PATH" in skip[0]
+    assert "Custom kwargs" not in proc.stderr + proc.stdout
     results = sorted((tmp_path / "out").rglob("results_*.json"))
     assert len(results) == 1
     data = json.loads(results[0].read_text())
@@ -105,8 +112,10 @@ def test_cli_runs_full_instructeval_group_offline(demo_like_checkpoint, shared_d
     assert len(data["group_subtasks"]["instructeval_bbh"]) == 27
     assert "acc,none" in data["results"]["instructeval_mmlu"]
     table = results[0].with_suffix(".md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["MMLU", "BBH", "DROP", "HumanEval", "GSM8K"]
-    assert "| MMLU | 5 | acc (mean of 57) |" in table[2]
+    rows = [line for line in table[2:] if line.startswith("|")]
+    assert [row.split("|")[1].strip() for row in rows] == ["MMLU", "BBH", "HumanEval", "GSM8K"]
+    assert "| MMLU | 5 | acc (mean of 57) |" in rows[0]
+    assert any(line.startswith("HumanEval: as in InstructEval") for line in table)
     assert "Markdown table" in proc.stdout
 
 

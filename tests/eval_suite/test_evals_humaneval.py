@@ -38,6 +38,21 @@ def test_canonical_solutions_score_one(problems, task_utils):
     assert elapsed < 60
 
 
+def test_blank_line_cut_ceiling_matches_the_report_note(problems, task_utils):
+    """A model that wrote every canonical solution, through InstructEval's cleaning (cut at the first
+    blank line) and the sandbox: the score the report's HumanEval note states, every failure being a
+    solution with a blank line inside its code."""
+    from evals.report import HUMANEVAL_BROKEN_BY_CUT, HUMANEVAL_CEILING, HUMANEVAL_PROBLEMS
+
+    with_blank_line = {p["task_id"] for p in problems if "\n\n" in p["canonical_solution"].strip("\n")}
+    cleaned = task_utils.clean([[p["canonical_solution"]] for p in problems], problems)
+    summary = task_utils.execute(cleaned, problems)
+    failed = {p["task_id"] for p, s in zip(problems, summary) if s["c"] != 1}
+    assert len(problems) == HUMANEVAL_PROBLEMS and len(failed) == HUMANEVAL_BROKEN_BY_CUT
+    assert failed <= with_blank_line
+    assert (len(problems) - len(failed)) / len(problems) == pytest.approx(HUMANEVAL_CEILING)
+
+
 def test_bad_completions_score_zero_quickly(problems):
     problem = problems[0]
     bad = {

@@ -1,5 +1,6 @@
 """Missing optional data (DROP) inside a group is skipped with one line saying how to add it; asked
-for alone, it is a clear error before any model is built; no per-task warning flood."""
+for alone, it is a clear error before any model is built; no per-task warning flood. (The whole
+group through the CLI without DROP: test_evals_e2e.py.)"""
 
 from __future__ import annotations
 
@@ -79,21 +80,3 @@ def test_cli_drop_alone_fails_before_the_model(shared_data, tmp_path, no_drop):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: InstructEval drop: {no_drop} not found" in proc.stderr
     assert "Traceback" not in proc.stderr and "config.json" not in proc.stderr
-
-
-def test_cli_group_without_drop_runs_quietly(shared_data, tmp_path, no_drop):
-    from lorasc_tune.demo import DEMO_MODEL_ARGS, write_demo_tokenizer, write_tiny_llama2_hf_checkpoint
-
-    shared_data("mmlu")
-    ckpt = write_tiny_llama2_hf_checkpoint(tmp_path / "ckpt" / "epoch_0", model_args=DEMO_MODEL_ARGS)
-    tokenizer = write_demo_tokenizer(str(tmp_path / "assets"))
-    proc = _cli(["--model", "lorasc", "--model_args", f"checkpoint_dir={ckpt},tokenizer_path={tokenizer}",
-                 "--tasks", "instructeval_nocode", "--limit", "1", "--device", "cpu", "--batch_size", "16",
-                 "--gen_kwargs", "max_gen_toks=2", "--output_path", str(tmp_path / "out")],
-                {"LORASC_EVAL_DROP_PATH": str(no_drop)}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    skip = [line for line in proc.stderr.splitlines() if "skipping instructeval_drop" in line]
-    assert len(skip) == 1 and "LORASC_EVAL_DROP_PATH" in skip[0]
-    assert "Custom kwargs" not in proc.stderr
-    table = next((tmp_path / "out").rglob("results_*.md")).read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["MMLU", "BBH", "GSM8K"]
