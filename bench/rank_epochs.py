@@ -347,8 +347,11 @@ def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]
                 if j == 0:
                     ax.set_ylabel(f"{split} accuracy (%), mean ± std over seeds")
         axes[0][0].legend(fontsize=8)
-        fig.suptitle("all-MiniLM-L6-v2: learning rate selected on validation per cell",
-                     fontsize=10)
+        counts = [st["test"]["n"] for k, st in summary.items() if k[0] == t]
+        seeds_note = (f"{min(counts)}" if min(counts) == max(counts)
+                      else f"{min(counts)}-{max(counts)}")
+        fig.suptitle(f"all-MiniLM-L6-v2, {TASK_LABELS[t]}: learning rate selected on validation "
+                     f"per point; {seeds_note} of {len(seeds)} seeds per point", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{t}_rank_epochs.png"
         fig.savefig(path, dpi=110)
