@@ -56,14 +56,15 @@ class MissingDatasetError(FileNotFoundError):
         why = f" ({OPTIONAL_DATASETS[dataset]})" if self.optional else ""
         super().__init__(
             f"InstructEval {dataset}: {path} not found{why}. Set {env_var(dataset)} (or {dataset}_path= "
-            f"in --model_args/--metadata) to {_EXPECTED[dataset]}, or {DATA_ROOT_ENV} (or data_dir=) "
-            f"to a folder holding {DEFAULT_LOCATIONS[dataset]}"
+            f"in --model_args/--metadata, data.{dataset}_path= for the tune recipe) to "
+            f"{_EXPECTED[dataset]}, or {DATA_ROOT_ENV} (or data_dir=) to a folder holding "
+            f"{DEFAULT_LOCATIONS[dataset]}"
         )
 
     def how_to_add(self) -> str:
         """One sentence: how to make the dataset available."""
-        return (f"set {env_var(self.dataset)} (or {self.dataset}_path= in --model_args/--metadata) to "
-                f"{_EXPECTED[self.dataset]} to include it")
+        return (f"set {env_var(self.dataset)} (or {self.dataset}_path= in --model_args/--metadata, "
+                f"data.{self.dataset}_path= for the tune recipe) to {_EXPECTED[self.dataset]} to include it")
 
 
 def env_var(name: str) -> str:
