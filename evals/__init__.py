@@ -2,8 +2,9 @@
 
 * :mod:`evals.lm_adapter` -- ``LoraScLM``, an ``lm_eval`` model (registered as ``"lorasc"``) over a
   torchtune decoder and tokenizer loaded from our checkpoint folders.
-* :mod:`evals.tasks` -- lm-eval task YAMLs; ``--tasks instructeval`` runs MMLU, BBH, DROP,
-  HumanEval and GSM8K with InstructEval's settings, reading local files only.
+* :mod:`evals.tasks` -- lm-eval task YAMLs; ``--tasks instructeval`` runs MMLU, BBH, DROP and
+  HumanEval with InstructEval's settings and GSM8K with open-instruct's (:mod:`evals.openinstruct`),
+  reading local files only.
 * :mod:`evals.lm_eval_cli` -- ``python -m evals.lm_eval_cli ...``: lm-eval's own CLI with our model
   registered and our task folder on the include path.
 * :mod:`evals.report` -- a one-line-per-task markdown table from lm-eval's results JSON.

@@ -202,3 +202,22 @@ def test_tokenizer_follows_the_checkpoint_family(tmp_path, shared_data):
     assert ids[1:] == list(text.encode())
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         load_tokenizer(tmp_path / "elsewhere" / "vocab.json", model_type="qwen2")
+
+
+@pytest.mark.parametrize("family", ["llama3_2_tied", "qwen2_5", "phi3"])
+def test_greedy_generation_equals_transformers(family, tmp_path):
+    """Generation (KV cache, a batch with left padding) continues as transformers' greedy decoding."""
+    from evals.decoding import greedy_generate
+    from evals.model_loading import load_model
+
+    hf_model = _save_checkpoint(family, tmp_path)
+    model = load_model(tmp_path)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 4)]
+    ours = greedy_generate(model, prompts, max_new_tokens=6, pad_id=0, use_cache=True)
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    eos_token_id=None, pad_token_id=0)
+        assert got == ref[0, len(prompt):].tolist()
