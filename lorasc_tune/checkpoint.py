@@ -6,14 +6,18 @@ LoRASC resume needs the *current* base of every adapted matrix as well. Only ada
 matrices change during a run, so that is all we save of the base (for Llama-2-7B with LoRA on
 q and v: 64 matrices, 2.1 GB in bf16, against 13.5 GB for the whole model).
 
-The state lives in one file, ``${output_dir}/lorasc_state/training_state.pt``, written
-atomically: a crash during a save leaves the previous state intact.
+Single-device states live in ``${output_dir}/lorasc_state/training_state_<step>.pt``, each
+written atomically and followed by ``<same name>.sha256``, the digest of its bytes. A state is
+used only if its digest matches; the last :data:`KEEP_STATES` are kept, so a state torn or
+corrupted on disk is passed over for the one before it, and the resume says so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,17 +27,59 @@ from lorasc_tune.cascade import CascadeEngine
 
 if TYPE_CHECKING:
     from lorasc_tune.driver import Cascade
-from lorasc_tune.io import atomic_torch_save
+from lorasc_tune.io import atomic_torch_save, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 STATE_DIRNAME = "lorasc_state"
-STATE_FILENAME = "training_state.pt"
+STATE_PREFIX = "training_state_"
+DIGEST_SUFFIX = ".sha256"
+# Two, so that a state that fails its integrity check has an intact one to fall back to.
+KEEP_STATES = 2
 # 2: the cascade driver's state (position, run shape, per-expert losses) replaced the
 # recipes' epoch counters.
 TRAINING_STATE_VERSION = 2
 
 
-def training_state_path(output_dir: str | Path) -> Path:
-    return Path(output_dir) / STATE_DIRNAME / STATE_FILENAME
+def _state_files(output_dir: str | Path) -> List[Path]:
+    """Saved single-device states, newest first (by the step in their name)."""
+    root = Path(output_dir) / STATE_DIRNAME
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob(f"{STATE_PREFIX}*.pt") if p.name[len(STATE_PREFIX):-3]
+                   .isdigit()), reverse=True)
+
+
+def training_state_path(output_dir: str | Path) -> Optional[Path]:
+    """The newest saved state file (intact or not), or None."""
+    files = _state_files(output_dir)
+    return files[0] if files else None
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_boundary_state(path: Path) -> bool:
+    """Whether ``path`` was saved between two experts (its digest file says so)."""
+    sidecar = path.with_name(path.name + DIGEST_SUFFIX)
+    return sidecar.is_file() and "boundary" in sidecar.read_text().split()[2:]
+
+
+def integrity_problem(path: Path) -> Optional[str]:
+    """Why ``path`` must not be used (no digest, a digest that does not match), or None."""
+    sidecar = path.with_name(path.name + DIGEST_SUFFIX)
+    if not sidecar.is_file():
+        return "it has no digest file (the save did not finish)"
+    expected = sidecar.read_text().split()[:1]
+    if expected != [file_digest(path)]:
+        return "its bytes do not match its digest (the file is corrupted or truncated)"
+    return None
 
 
 def capture_training_state(model: nn.Module, cascade: "Cascade", *, seed: int) -> Dict[str, Any]:
@@ -56,6 +102,7 @@ def capture_training_state(model: nn.Module, cascade: "Cascade", *, seed: int) -
         "trainable": {n: p.detach().cpu().clone()
                       for n, p in parameters_by_state_dict_name(model).items() if p.requires_grad},
         "seed": seed,
+        "finished": cascade.finished,
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
@@ -64,25 +111,80 @@ def capture_training_state(model: nn.Module, cascade: "Cascade", *, seed: int) -
 
 def save_training_state(output_dir: str | Path, model: nn.Module, cascade: "Cascade", *,
                         seed: int) -> Path:
-    """Capture and atomically write the training state; marks the cascade as saved."""
-    path = training_state_path(output_dir)
+    """Capture and write the training state and its digest; keep the last :data:`KEEP_STATES`.
+
+    Each file is written atomically and the digest only after the state, so a crash at any
+    point leaves the previous states intact and the new one either complete or unused.
+    """
+    root = Path(output_dir) / STATE_DIRNAME
+    path = root / f"{STATE_PREFIX}{cascade.global_step:08d}.pt"
     atomic_torch_save(capture_training_state(model, cascade, seed=seed), path)
+    # "boundary": saved between two experts, where a restart of the next expert can begin.
+    tag = "" if cascade.engine.expert_open else "  boundary"
+    atomic_write_text(path.with_name(path.name + DIGEST_SUFFIX),
+                      f"{file_digest(path)}  {path.name}{tag}\n")
     cascade.saved_once = True
+    prune_states(output_dir)
     return path
 
 
-def load_training_state(output_dir: str | Path) -> Dict[str, Any]:
-    """Read the state a previous run saved; a clear error if there is none."""
-    path = training_state_path(output_dir)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint is true but there is no LoRASC training state at {path}; "
-            f"point output_dir at the run to resume, or set resume_from_checkpoint: false"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != TRAINING_STATE_VERSION:
-        raise ValueError(f"{path}: training state version {state.get('version')} is not supported")
-    return state
+def prune_states(output_dir: str | Path, keep: int = KEEP_STATES) -> None:
+    """Delete all but the newest ``keep`` states and the newest boundary state, which
+    ``restart_expert`` needs (digests last, so a crash here leaves each remaining state either
+    whole with its digest, or without one and so never used)."""
+    files = _state_files(output_dir)
+    boundary = next((p for p in files if _is_boundary_state(p)), None)
+    for old in files[keep:]:
+        if old == boundary:
+            continue
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+
+
+def discard_states_after(output_dir: str | Path, step: int) -> None:
+    """Delete the states saved after optimizer step ``step`` (a restarted expert's)."""
+    for path in _state_files(output_dir):
+        if int(path.name[len(STATE_PREFIX):-3]) > step:
+            path.with_name(path.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+            path.unlink()
+
+
+def load_training_state(output_dir: str | Path, boundary_only: bool = False) -> Dict[str, Any]:
+    """The newest intact state a previous run saved (``boundary_only``: the newest saved
+    between two experts, from which the next expert can be restarted).
+
+    A state that fails its integrity check is never used: the next older intact one is, with a
+    warning naming the file passed over; with none intact, the error names every file and why.
+    """
+    root = Path(output_dir) / STATE_DIRNAME
+    passed_over: List[Tuple[Path, str]] = []
+    candidates = _state_files(output_dir)
+    if boundary_only:
+        candidates = [p for p in candidates if _is_boundary_state(p)]
+        if not candidates:
+            raise FileNotFoundError(
+                f"restart_expert: there is no state saved between two experts in {root} to "
+                f"restart from (one is written at every epoch end, and at every expert end when "
+                f"save_every_n_steps is set)")
+    for path in candidates:
+        problem = integrity_problem(path)
+        if problem is not None:
+            passed_over.append((path, problem))
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("version") != TRAINING_STATE_VERSION:
+            raise ValueError(f"{path}: training state version {state.get('version')} is not "
+                             f"supported")
+        for bad, why in passed_over:
+            log.warning(f"LoRASC: not resuming from {bad}: {why}; using the previous state "
+                        f"{path.name} (step {state['global_step']}) instead")
+        return state
+    if passed_over:
+        raise ValueError("resume_from_checkpoint: no intact training state in " + str(root) + ": "
+                         + "; ".join(f"{p.name}: {why}" for p, why in passed_over))
+    raise FileNotFoundError(
+        f"resume_from_checkpoint is true but there is no LoRASC training state in {root}; "
+        f"point output_dir at the run to resume, or set resume_from_checkpoint: false")
 
 
 @torch.no_grad()
@@ -93,6 +195,11 @@ def restore_training_state(model: nn.Module, cascade: "Cascade", state: Dict[str
         if name not in params:
             raise KeyError(f"training state has {name!r}, which the model does not have; "
                            f"was the model config changed since the run was saved?")
+        if params[name].shape != value.shape:
+            raise ValueError(
+                f"the training state's {name} has shape {tuple(value.shape)} but the model's has "
+                f"{tuple(params[name].shape)}: model settings (lora_rank, the model size or its "
+                f"adapted layers) changed since the run was saved; resume with the original ones")
         params[name].copy_(value)
     cascade.load_state_dict(state)
     torch.set_rng_state(state["rng"]["cpu"])
@@ -123,13 +230,19 @@ def _sharded_tensors(model: nn.Module, engine: CascadeEngine, slow: Dict[str, An
     }
 
 
-def latest_sharded_state(output_dir: str | Path) -> Optional[Path]:
+def latest_sharded_meta(output_dir: str | Path) -> Dict[str, Any]:
+    """The newest complete sharded state's position: ``path``, ``global_step``, ``seed``,
+    ``world_size`` and ``finished``; a clear error if there is none."""
     root = Path(output_dir) / STATE_DIRNAME
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir()
-                  if p.name.startswith(SHARDED_PREFIX) and (p / "meta.pt").is_file())
-    return done[-1] if done else None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(SHARDED_PREFIX)
+                  and (p / "meta.pt").is_file()) if root.is_dir() else []
+    if not done:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint is true but there is no sharded LoRASC training state "
+            f"under {root}")
+    meta = torch.load(done[-1] / "meta.pt", map_location="cpu", weights_only=False)
+    return {"path": done[-1], **{k: meta.get(k) for k in
+                                 ("global_step", "seed", "world_size", "finished")}}
 
 
 def save_sharded_training_state(output_dir: str | Path, model: nn.Module, cascade: "Cascade",
@@ -165,7 +278,8 @@ def save_sharded_training_state(output_dir: str | Path, model: nn.Module, cascad
     dist.all_gather_object(rng, torch.get_rng_state())
     if rank == 0:
         torch.save({**meta, "version": TRAINING_STATE_VERSION, "seed": seed, "rng": rng,
-                    "world_size": dist.get_world_size()}, staging / "meta.pt")
+                    "finished": cascade.finished, "world_size": dist.get_world_size()},
+                   staging / "meta.pt")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

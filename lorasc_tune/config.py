@@ -186,11 +186,68 @@ def _to_plain(block: Any) -> Mapping[str, Any]:
 LLM_SECTIONS = ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir")
 
 
-def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS) -> None:
+# Every top-level key a recipe reads. A key outside these is refused (a typo such as
+# `save_every_n_step` would otherwise run silently without what it meant to ask for).
+_COMMON_KEYS = frozenset({
+    "output_dir", "model", "optimizer", "lr_scheduler", "loss", "metric_logger", "device",
+    "dtype", "seed", "shuffle", "batch_size", "epochs", "max_steps_per_epoch",
+    "gradient_accumulation_steps", "clip_grad_norm", "enable_activation_checkpointing",
+    "enable_activation_offloading", "resume_from_checkpoint", "save_every_n_steps",
+    "save_final_model_only", "keep_last_n_states", "log_every_n_steps", "log_peak_memory_stats",
+    "cudnn_deterministic_mode", "restart_expert", "lorasc"})
+LLM_KEYS = _COMMON_KEYS | {"tokenizer", "checkpointer", "dataset", "compile", "profiler",
+                           "validate_dataset", "collate_fn", "fsdp_cpu_offload",
+                           "fsdp_reshard_after_forward", "custom_sharded_layers"}
+VISION_KEYS = _COMMON_KEYS | {"data", "checkpoint", "head", "eval"}
+# torchtune's stock LoRA configs carry these; the LoRASC recipes knowingly do without them.
+IGNORED_STOCK_KEYS = {
+    "save_adapter_weights_only": "the recipes export merged models, not adapters",
+    "optimizer_in_bwd": "each expert needs a fresh optimizer, which a fused backward step "
+                        "cannot give",
+    "run_val_every_n_steps": "no validation runs during training",
+    "dataset_val": "no validation runs during training",
+    "log_level": "the recipes log at INFO",
+}
+
+
+def check_top_level_keys(cfg: Any, known: frozenset) -> None:
+    """Refuse unknown top-level keys, naming each and the nearest known one; warn once about
+    stock torchtune keys the recipe ignores. Keys that only feed ``${...}`` interpolation
+    elsewhere in the config (e.g. a shared ``cache_dir``) are allowed."""
+    import difflib
+    import logging
+    import re
+
+    try:
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_yaml(cfg, resolve=False)
+    except Exception:  # a plain mapping: no interpolation to follow
+        raw = ""
+    referenced = set(re.findall(r"\$\{([A-Za-z_][\w]*)", raw))
+    keys = set(cfg.keys())
+    ignored = sorted(keys & IGNORED_STOCK_KEYS.keys())
+    if ignored:
+        logging.getLogger(__name__).warning(
+            "LoRASC: ignoring torchtune key(s) this recipe does not use: "
+            + "; ".join(f"{k} ({IGNORED_STOCK_KEYS[k]})" for k in ignored))
+    unknown = sorted(keys - known - IGNORED_STOCK_KEYS.keys() - referenced)
+    if unknown:
+        hints = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        raise LoRASCConfigError(f"unknown top-level config key(s): {', '.join(hints)}")
+
+
+def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS,
+                           known_keys: frozenset = LLM_KEYS) -> None:
     """Check the top-level training keys a LoRASC recipe reads, before anything is written.
 
-    ``sections`` are the top-level keys the recipe cannot run without.
+    ``sections`` are the top-level keys the recipe cannot run without; ``known_keys`` all the
+    top-level keys it reads (anything else is refused).
     """
+    check_top_level_keys(cfg, known_keys)
     def positive_int(key: str, optional: bool = False) -> None:
         value = cfg.get(key, None)
         if value is None and optional:
@@ -248,13 +305,20 @@ def check_tokenizer_file(cfg_tokenizer: Any) -> None:
         raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
 
 
-def check_dataset_rows(dataset: Any, name: str = "dataset") -> None:
+def check_dataset_rows(dataset: Any, name: str = "dataset",
+                       max_seq_len: Optional[int] = None) -> int:
     """Transform every row once so a malformed one fails now, naming its index and field.
 
     torchtune datasets transform rows lazily, so without this a bad row surfaces hours into
-    a run. Tokenising once up front costs seconds for instruction-sized data sets.
+    a run. Tokenising once up front costs seconds for instruction-sized data sets. The
+    tokenizer cuts rows at ``max_seq_len`` without a word; the rows that reach it are counted
+    and reported once.
+
+    Returns:
+        How many rows reach ``max_seq_len`` (were truncated), 0 without one.
     """
     raw = getattr(dataset, "_data", None)  # torchtune SFTDataset keeps the HF rows here
+    truncated = 0
     for i in range(len(dataset)):
         try:
             row = dataset[i]
@@ -276,3 +340,12 @@ def check_dataset_rows(dataset: Any, name: str = "dataset") -> None:
         tokens = row.get("tokens") if isinstance(row, Mapping) else None
         if tokens is not None and len(tokens) == 0:
             raise ValueError(f"{name} row {i} tokenises to an empty sequence")
+        if tokens is not None and max_seq_len and len(tokens) >= max_seq_len:
+            truncated += 1
+    if truncated and not getattr(dataset, "packed", False):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            f"LoRASC: {truncated} of {len(dataset)} {name} rows truncated to {max_seq_len} "
+            f"tokens (the tokenizer's max_seq_len)")
+    return truncated

@@ -149,8 +149,9 @@ class Cascade:
         return self.global_step >= self.plan.total_steps
 
     def describe(self) -> str:
-        """``expert t/T|epoch e|step n``: the position, for progress bars and errors."""
-        return (f"expert {self.engine.expert}/{self.num_experts}|epoch {self.epoch}|"
+        """``expert t/T|epoch e|step n``: the step just taken, for progress bars."""
+        epoch = max(self.global_step - 1, 0) // self.steps_per_epoch
+        return (f"expert {self.engine.expert}/{self.num_experts}|epoch {epoch}|"
                 f"step {self.global_step}")
 
     def describe_plan(self) -> str:

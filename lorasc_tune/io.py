@@ -78,3 +78,38 @@ def removed_on_error(folder: str | Path):
         if not existed and folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+# Output folders this process holds, so one process can run several recipes on one folder
+# (a test, a crash and its resume) while another process is refused.
+_HELD_LOCKS: dict = {}
+
+
+def lock_output_dir(folder: str | Path) -> None:
+    """Claim ``folder`` for this process, or refuse naming the process that holds it.
+
+    An advisory ``flock`` on ``<folder>/.lorasc.lock``: the kernel drops it when its process
+    dies, however it dies, so a lock left by a killed run never blocks the next one.
+
+    Raises:
+        RuntimeError: another live process holds the folder.
+    """
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _HELD_LOCKS:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lorasc.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(
+            f"output_dir {folder} is in use by another LoRASC run (process {holder}); wait for "
+            f"it to finish or stop it, or choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[folder] = fd

@@ -9,7 +9,7 @@ of a recipe needs only ``lorasc_tune`` installed.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -19,10 +19,11 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from lorasc_tune.cascade import NonFiniteExpertError
+from lorasc_tune.checkpoint import discard_states_after, load_training_state
 from lorasc_tune.config import check_checkpoint_files, check_dataset_rows, check_tokenizer_file
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
-from lorasc_tune.io import replace_dir
+from lorasc_tune.io import lock_output_dir, replace_dir
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class RunSettings:
         keep_last_n_states: sharded training states kept (the FSDP2 recipe).
         activation_checkpointing / activation_offloading: torchtune's memory savers.
         seed: the run's seed, after ``training.set_seed`` (which draws one for ``seed: null``).
+        restart_expert: with ``resume``, restart the expert that was training from its first
+            step (the newest state saved between two experts), so that optimizer settings
+            (``optimizer.lr``...) may change, e.g. after a divergence.
     """
 
     output_dir: Path
@@ -52,6 +56,7 @@ class RunSettings:
     activation_checkpointing: bool
     activation_offloading: bool
     seed: int
+    restart_expert: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig, device: torch.device) -> "RunSettings":
@@ -71,39 +76,128 @@ class RunSettings:
             keep_last_n_states=cfg.get("keep_last_n_states", None) or 1,
             activation_checkpointing=act_ckpt, activation_offloading=act_offload,
             seed=training.set_seed(seed=cfg.seed,
-                                   debug_mode=cfg.get("cudnn_deterministic_mode", None)))
+                                   debug_mode=cfg.get("cudnn_deterministic_mode", None)),
+            restart_expert=bool(cfg.get("restart_expert", False)))
 
-    def save_state_at_epoch_end(self, cascade: Cascade, save_state: Callable[[], None]) -> bool:
-        """At an epoch's end: save the training state while the run goes on (a finished run
-        needs none); return whether to export this epoch's model as well."""
-        if cascade.finished:
-            return True
+    def end_epoch(self, cascade: Cascade, export: Callable[[], None],
+                  save_state: Callable[[], None]) -> None:
+        """At an epoch's end: export its model (unless ``save_final_model_only`` skips it),
+        *then* save the training state.
+
+        In this order a crash or a failed export (a full disk) leaves the state of before the
+        export, so a resume redoes the epoch and writes its folder; the other order could
+        record the epoch as done with its model never written. The last epoch saves a state
+        too, which marks the run finished.
+        """
+        if cascade.finished or not self.save_final_model_only:
+            export()
         save_state()
-        return not self.save_final_model_only
 
     def periodic_save_due(self, cascade: Cascade) -> bool:
-        """True after a step at which ``save_every_n_steps`` asks for a state, except at an
-        epoch's end (the epoch's own save follows)."""
+        """True after a step at which ``save_every_n_steps`` asks for a state, or that ended an
+        expert (a state ``restart_expert`` can start from), except at an epoch's end (the
+        epoch's own save follows)."""
+        ended = cascade.last_step is not None and cascade.last_step.ended_expert
         return bool(self.save_every_n_steps and cascade.steps_done_in_epoch
-                    and cascade.global_step % self.save_every_n_steps == 0)
+                    and (cascade.global_step % self.save_every_n_steps == 0 or ended))
 
 
 def cascade_from_config(model: torch.nn.Module, cfg: DictConfig, run: RunSettings, *,
                         steps_per_epoch: int, device: torch.device, global_batch_size: int,
-                        metric_logger: Any, throughput_name: str, world_size: int = 1,
+                        throughput_name: str, world_size: int = 1,
                         master_source: Optional[Dict[str, torch.Tensor]] = None) -> Cascade:
     """The driver from a recipe config: ``lorasc``, ``optimizer``, ``lr_scheduler``,
-    ``clip_grad_norm``, ``log_every_n_steps`` and ``log_peak_memory_stats`` are read here."""
+    ``clip_grad_norm``, ``log_every_n_steps`` and ``log_peak_memory_stats`` are read here.
+    Its metric logger is attached by :func:`start_writing`, once every check has passed."""
     cascade = Cascade(
         model, cfg.get("lorasc", None), seed=run.seed, steps_per_epoch=steps_per_epoch,
         epochs=run.epochs, optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler", None),
         clip_grad_norm=cfg.get("clip_grad_norm", None), global_batch_size=global_batch_size,
-        master_source=master_source, metric_logger=metric_logger,
+        master_source=master_source,
         log_every_n_steps=cfg.get("log_every_n_steps", None), throughput_name=throughput_name,
         world_size=world_size,
         memory_device=device if cfg.get("log_peak_memory_stats", False) and device.type == "cuda"
         else None)
     return cascade
+
+
+class RunAlreadyFinished(Exception):
+    """``resume_from_checkpoint`` on a run whose saved state is its last: nothing to do."""
+
+
+def load_resume_state(run: RunSettings, cfg: DictConfig,
+                      load: Callable[[Path], Dict[str, Any]]) -> Tuple[Dict[str, Any], RunSettings]:
+    """Read the state to resume from with ``load(output_dir)``; refuse a finished run.
+
+    Under ``seed: null`` (torchtune's configs) the run continues with the seed it was saved
+    with, rather than refusing the freshly drawn one.
+
+    Raises:
+        RunAlreadyFinished: the state is the one a finished run wrote last.
+    """
+    from torchtune import training
+
+    if run.restart_expert:
+        if load is not load_training_state:
+            raise ValueError("restart_expert is supported by the single-device recipes; resume "
+                             "the distributed run without it")
+        state = load_training_state(run.output_dir, boundary_only=True)
+    else:
+        state = load(run.output_dir)
+    if state.get("finished"):
+        raise RunAlreadyFinished(
+            f"LoRASC: the run in {run.output_dir} had already finished (step "
+            f"{state['global_step']}); nothing was changed")
+    if cfg.get("seed", None) is None and state.get("seed") is not None:
+        run = replace(run, seed=training.set_seed(seed=int(state["seed"]),
+                                                  debug_mode=cfg.get("cudnn_deterministic_mode",
+                                                                     None)))
+    return state, run
+
+
+def remove_orphans(output_dir: Path) -> None:
+    """Delete what an interrupted save leaves behind: staging folders, folders set aside while
+    being replaced, and torn temporary or undigested state files. The complete epoch folders
+    and intact states are never touched."""
+    import shutil
+
+    from lorasc_tune.checkpoint import DIGEST_SUFFIX, STATE_DIRNAME, STATE_PREFIX
+
+    output_dir = Path(output_dir)
+    for folder in [output_dir / ".staging", output_dir / ".staging_merged",
+                   *output_dir.glob("epoch_*.old"), output_dir / "merged.old"]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    state_dir = output_dir / STATE_DIRNAME
+    if state_dir.is_dir():
+        for path in state_dir.glob(".*.tmp"):  # atomic writes torn by a crash
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        for path in state_dir.glob(f"{STATE_PREFIX}*.pt"):
+            if not path.with_name(path.name + DIGEST_SUFFIX).is_file():
+                path.unlink()  # its save never finished
+
+
+def start_writing(cfg: DictConfig, run: RunSettings, cascade: Cascade,
+                  rank_zero: bool = True) -> Any:
+    """Once every check has passed: claim output_dir (refused if another live run holds it),
+    clear a crash's leftovers, start the metric logger (which writes the config into
+    output_dir) and give it to the cascade. Returns the logger (None off rank 0)."""
+    from torchtune import config
+
+    if not rank_zero:
+        return None
+    lock_output_dir(run.output_dir)  # refuses a folder another run is writing
+    remove_orphans(run.output_dir)
+    if run.restart_expert:
+        # The states the restarted expert wrote (diverged, perhaps) must never be resumed.
+        discard_states_after(run.output_dir, cascade.global_step)
+    metric_logger = config.instantiate(cfg.metric_logger)
+    metric_logger.log_config(cfg)
+    cascade.metric_logger = metric_logger
+    return metric_logger
 
 
 def check_checkpoint_fits(model: torch.nn.Module, missing: List[str], unexpected: List[str]
@@ -136,6 +230,9 @@ def device_and_dtype(cfg: DictConfig) -> Tuple[torch.device, torch.dtype]:
     """The run's device and dtype; fp16 is refused (the recipes have no gradient scaling)."""
     from torchtune import training, utils
 
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {cfg.device} was asked for, but this machine has no CUDA "
+                         f"device torch can use; set device: cpu to train on the CPU")
     device = utils.get_device(device=cfg.device)
     dtype = training.get_dtype(cfg.dtype, device=device)
     if dtype == torch.float16:
@@ -161,7 +258,7 @@ def read_llm_inputs(cfg: DictConfig) -> Tuple[Any, Any, Any]:
     else:
         dataset = config.instantiate(cfg.dataset, tokenizer)
     if cfg.get("validate_dataset", True):
-        check_dataset_rows(dataset)
+        check_dataset_rows(dataset, max_seq_len=getattr(tokenizer, "max_seq_len", None))
     return tokenizer, loss_fn, dataset
 
 
@@ -246,7 +343,11 @@ def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor
     """
     from torchtune import training
 
+    import shutil
+
     staging = Path(output_dir) / ".staging"
+    if (staging / f"epoch_{epoch}").exists():  # a failed attempt's partial folder
+        shutil.rmtree(staging / f"epoch_{epoch}")
     real_output_dir = checkpointer._output_dir
     checkpointer._output_dir = staging
     try:
@@ -256,6 +357,7 @@ def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor
         checkpointer._output_dir = real_output_dir
     final_dir = Path(output_dir) / f"epoch_{epoch}"
     replace_dir(staging / f"epoch_{epoch}", final_dir)
+    staging.rmdir()  # empty now; a leftover .staging/ then always means a failed save
     return final_dir
 
 
@@ -283,6 +385,10 @@ def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable
     recipe = recipe_cls(cfg=cfg)
     try:
         recipe.setup(cfg=cfg)
+    except RunAlreadyFinished as done:
+        print(done, flush=True)
+        return recipe
+    try:
         recipe.train()
         if after_train is not None:
             after_train(recipe)
@@ -296,6 +402,7 @@ def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable
 
 
 __all__ = [
+    "RunAlreadyFinished",
     "RunSettings",
     "backward_token_sums",
     "cascade_from_config",
@@ -304,8 +411,11 @@ __all__ = [
     "device_and_dtype",
     "lm_loss",
     "optimizer_steps",
+    "load_resume_state",
     "read_llm_inputs",
+    "remove_orphans",
     "run_recipe",
     "save_with_checkpointer",
     "setup_profiler",
+    "start_writing",
 ]

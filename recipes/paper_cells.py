@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
+from lorasc_tune.checkpoint import training_state_path
 from lorasc_tune.errors import DIVERGED_EXIT_CODE
 from lorasc_tune.io import atomic_write_text
 
@@ -179,7 +180,7 @@ def train_command(cell: Cell, sweep: Sweep, resume: bool = False) -> List[str]:
 
 def train_cell(cell: Cell, sweep: Sweep, run_dir: Path, final_dir: Path) -> None:
     """Run ``tune run`` for the cell, resuming from the saved training state if there is one."""
-    resume = (run_dir / "lorasc_state" / "training_state.pt").is_file()
+    resume = training_state_path(run_dir) is not None
     command = train_command(cell, sweep, resume=resume)
     log = run_dir / "train.log"
     print(f"  $ {shlex.join(command)}", flush=True)

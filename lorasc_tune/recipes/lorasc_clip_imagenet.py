@@ -19,7 +19,7 @@ Outputs (``output_dir``):
 
 * ``merged/``: the latest merged classifier (tower in the layout of ``checkpoint.path``, head,
   ``vision_meta.json``), replaced atomically at the end of each epoch;
-* ``lorasc_state/training_state.pt``: what ``resume_from_checkpoint: true`` continues from;
+* ``lorasc_state/training_state_<step>.pt``: what ``resume_from_checkpoint: true`` continues from;
 * ``eval_report.json``: top-1 on ``eval.sets`` for the final model (if any are set).
 """
 
@@ -36,12 +36,13 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 
 from lorasc_tune.adapters import init_dora_magnitudes, merged_state_dict
 from lorasc_tune.checkpoint import load_training_state, restore_training_state, save_training_state
-from lorasc_tune.config import validate_recipe_config
+from lorasc_tune.config import VISION_KEYS, validate_recipe_config
 from lorasc_tune.errors import NonFiniteLossError
 from lorasc_tune.io import replace_dir
 from lorasc_tune.plan import steps_per_epoch
 from lorasc_tune.recipe_common import (RunSettings, cascade_from_config, device_and_dtype,
-                                       optimizer_steps, run_recipe)
+                                       load_resume_state, optimizer_steps, run_recipe,
+                                       start_writing)
 from lorasc_tune.sampling import ResumableSampler
 from lorasc_tune.vision.convert import check_tower_shapes, load_pretrained_tower
 from lorasc_tune.vision.data import build_dataset, build_loader, eval_transform, train_transform
@@ -58,7 +59,8 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
     """LoRASC on a CLIP image tower + linear head, on one device (CUDA or CPU)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        validate_recipe_config(cfg, sections=("model", "data", "optimizer", "output_dir"))
+        validate_recipe_config(cfg, sections=("model", "data", "optimizer", "output_dir"),
+                               known_keys=VISION_KEYS)
         self._device, self._dtype = device_and_dtype(cfg)
         self._run = RunSettings.from_config(cfg, self._device)
 
@@ -84,7 +86,10 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                         ev.get("imagenet_index", None), key_prefix="eval.sets.")
         ckpt_path = (cfg.get("checkpoint", None) or {}).get("path", None)
         pretrained = load_pretrained_tower(ckpt_path) if ckpt_path else None
-        resume_state = load_training_state(run.output_dir) if run.resume else None
+        resume_state = None
+        if run.resume:
+            resume_state, run = load_resume_state(run, cfg, load_training_state)
+            self._run = run
 
         # 2. Model: tower (+ adapters) and head, pretrained weights, trainable set.
         self._model = self._setup_model(cfg, pretrained)
@@ -97,8 +102,6 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                                    cfg.get("enable_activation_checkpointing", False))
         log.info(f"Estimated peak memory at batch {cfg.batch_size}: {est.describe()}")
         self._loss_fn = config.instantiate(cfg.loss)
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
 
         # 3. Data order, and the cascade over the run's optimizer steps.
         self._sampler = ResumableSampler(self._train_set, shuffle=cfg.get("shuffle", True))
@@ -110,13 +113,17 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
             steps_per_epoch=steps_per_epoch(len(self._loader), run.grad_accum,
                                             cfg.get("max_steps_per_epoch", None)),
             global_batch_size=cfg.batch_size * run.grad_accum,
-            metric_logger=self._metric_logger, throughput_name="images_per_second")
-        log.info(f"{self._cascade.describe_plan()}; {len(self._train_set)} images, "
-                 f"{len(self._class_ids)} classes")
+            throughput_name="images_per_second")
 
-        # 4. The saved state of an interrupted run.
+        # 4. The saved state of an interrupted run, checked against this one.
         if resume_state is not None:
             restore_training_state(self._model, self._cascade, resume_state)
+
+        # 5. Every check passed: now write (crash leftovers cleared, metric logger).
+        self._metric_logger = start_writing(cfg, run, self._cascade)
+        log.info(f"{self._cascade.describe_plan()}; {len(self._train_set)} images, "
+                 f"{len(self._class_ids)} classes")
+        if resume_state is not None:
             log.info(self._cascade.describe_resume())
 
     def _setup_model(self, cfg: DictConfig, pretrained) -> torch.nn.Module:
@@ -164,7 +171,11 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
     # ---- saving and evaluation ----------------------------------------------------------------
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Replace ``merged/`` with this epoch's merged model; save the state if not finished."""
+        """Replace ``merged/`` with this epoch's merged model, then save the training state."""
+        self._run.end_epoch(self._cascade, lambda: self._export(epoch), lambda: save_training_state(
+            self._run.output_dir, self._model, self._cascade, seed=self._run.seed))
+
+    def _export(self, epoch: int) -> None:
         t0 = time.perf_counter()
         # merged/ is the only export: never replace it (or the state) with broken weights. The
         # head trains outside the engine, so it is checked here too.
@@ -178,13 +189,10 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
         merged = merged_state_dict(self._model, self._cascade.engine.master_weights())
         save_classifier(merged, self._model.arch, self._class_ids,
                         self._model.normalize, staging, source=self._source)
-        final = self._run.output_dir / "merged"
-        replace_dir(staging, final)
-        self._run.save_state_at_epoch_end(self._cascade, lambda: save_training_state(
-            self._run.output_dir, self._model, self._cascade, seed=self._run.seed))
-        log.info(f"Merged model after epoch {epoch} saved to {final} "
+        self.last_output_path = self._run.output_dir / "merged"
+        replace_dir(staging, self.last_output_path)
+        log.info(f"Merged model after epoch {epoch} saved to {self.last_output_path} "
                  f"in {time.perf_counter() - t0:.1f}s")
-        self.last_output_path = final
 
     def evaluate(self, cfg: DictConfig) -> None:
         """Top-1 of the final model on ``eval.sets``: a table in the log, JSON on disk."""

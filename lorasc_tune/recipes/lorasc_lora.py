@@ -20,7 +20,7 @@ the profiler, ``max_steps_per_epoch``. What it does differently, on purpose:
   the checkpointer into a staging folder and moved into place, so a crash never leaves a
   half-written epoch folder. The merge is computed into new tensors, never into the live
   weights. It is the model after epoch N's merges, without the next expert's noise.
-* Resume: ``${output_dir}/lorasc_state/training_state.pt`` holds the current base of every
+* Resume: ``${output_dir}/lorasc_state/training_state_<step>.pt`` holds the current base of every
   adapted matrix plus the adapter, cascade, optimizer and scheduler state. ``resume_from_
   checkpoint: true`` continues exactly where it stopped, mid-epoch or mid-expert included
   (``save_every_n_steps`` sets how often it is written).
@@ -48,8 +48,8 @@ from lorasc_tune.checkpoint import load_training_state, restore_training_state, 
 from lorasc_tune.config import validate_recipe_config
 from lorasc_tune.io import removed_on_error
 from lorasc_tune.plan import steps_per_epoch
-from lorasc_tune import recipe_common as common
 from lorasc_tune.sampling import build_dataloader
+from lorasc_tune import recipe_common as common
 
 log = utils.get_logger("INFO")
 
@@ -67,19 +67,19 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
 
     def setup(self, cfg: DictConfig) -> None:
         run = self._run
-        # 1. Inputs that can be wrong are read and checked first; nothing is written yet.
+        # 1. Inputs that can be wrong are read and checked first; nothing is written until
+        # step 5, so a run (or resume) that is refused leaves output_dir as it was.
         self._tokenizer, self._loss_fn, dataset = common.read_llm_inputs(cfg)
-        resume_state = load_training_state(run.output_dir) if run.resume else None
+        resume_state = None
+        if run.resume:
+            resume_state, run = common.load_resume_state(run, cfg, load_training_state)
+            self._run = run
 
         # A failure from here on removes the output folder if this run created it.
         with removed_on_error(run.output_dir):
-            # 2. Components that write: metric logger, checkpointer.
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
+            # 2. The base checkpoint and the model.
             self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
             base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-
-            # 3. Model.
             with training.set_default_dtype(self._dtype), self._device:
                 self._model = config.instantiate(cfg.model)
             common.prepare_lora_model(self._model, cfg, run)
@@ -92,7 +92,7 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
             if cfg.compile:
                 self._loss_fn = training.compile_loss(self._loss_fn)
 
-            # 4. Data, and the cascade over the run's optimizer steps. The checkpoint as loaded
+            # 3. Data, and the cascade over the run's optimizer steps. The checkpoint as loaded
             # seeds the engine's full-precision masters (QLoRA/QDoRA, merge_precision:
             # fp32_master), so they start from the original weights, not their rounding.
             self._sampler, self._dataloader = build_dataloader(
@@ -103,14 +103,18 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
                 steps_per_epoch=steps_per_epoch(len(self._dataloader), run.grad_accum,
                                                 cfg.get("max_steps_per_epoch", None)),
                 global_batch_size=cfg.batch_size * run.grad_accum,
-                metric_logger=self._metric_logger, throughput_name="tokens_per_second_per_gpu")
+                throughput_name="tokens_per_second_per_gpu")
             del base_state
-            log.info(self._cascade.describe_plan())
 
-            # 5. The saved state of an interrupted run; a fresh run begins its first expert at
-            # its first step.
+            # 4. The saved state of an interrupted run, checked against this one; a fresh run
+            # begins its first expert at its first step.
             if resume_state is not None:
                 restore_training_state(self._model, self._cascade, resume_state)
+
+            # 5. Every check passed: now write (crash leftovers cleared, metric logger).
+            self._metric_logger = common.start_writing(cfg, run, self._cascade)
+            log.info(self._cascade.describe_plan())
+            if resume_state is not None:
                 log.info(self._cascade.describe_resume())
             self._profiler = common.setup_profiler(cfg.get("profiler", None))
 
@@ -141,10 +145,11 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         save_training_state(self._run.output_dir, self._model, self._cascade, seed=self._run.seed)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Write ``epoch_{epoch}/`` (merged model) and, while training goes on, the state."""
+        """Write ``epoch_{epoch}/`` (the merged model), then the training state."""
+        self._run.end_epoch(self._cascade, lambda: self._export(epoch), self._save_state)
+
+    def _export(self, epoch: int) -> None:
         t0 = time.perf_counter()
-        if not self._run.save_state_at_epoch_end(self._cascade, self._save_state):
-            return
         # Fold from the engine's masters where it keeps them (QLoRA: the full-precision
         # source of truth, not the NF4 weight); the export is never quantized.
         merged = merged_state_dict(self._model, self._cascade.engine.master_weights())

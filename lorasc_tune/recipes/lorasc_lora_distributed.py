@@ -40,7 +40,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 
 from lorasc_tune.adapters import merged_state_dict
 from lorasc_tune.checkpoint import (
-    latest_sharded_state,
+    latest_sharded_meta,
     load_sharded_training_state,
     save_sharded_training_state,
 )
@@ -77,32 +77,27 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
 
     def setup(self, cfg: DictConfig) -> None:
         run = self._run
-        # 1. Checks before anything is written (every rank checks; all fail alike).
+        # 1. Checks before anything is written (every rank checks; all fail alike). Nothing is
+        # written until step 5, so a refused run or resume leaves output_dir as it was.
         self._tokenizer, self._loss_fn, dataset = common.read_llm_inputs(cfg)
-        state_dir = latest_sharded_state(run.output_dir) if run.resume else None
-        if run.resume and state_dir is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint is true but there is no sharded LoRASC training state "
-                f"under {run.output_dir / 'lorasc_state'}")
+        state_dir = None
+        if run.resume:
+            state_dir, run = common.load_resume_state(run, cfg, latest_sharded_meta)
+            self._run = run
 
         # A failure from here on removes the output folder if this run created it.
         with removed_on_error(run.output_dir):
-            # 2. Components that write (rank 0 logs; every rank reads the checkpoint, mmap'ed).
-            self._metric_logger = None
-            if self.is_rank_zero:
-                self._metric_logger = config.instantiate(cfg.metric_logger)
-                self._metric_logger.log_config(cfg)
+            # 2. Every rank reads the checkpoint (mmap'ed); the model is built on meta, sharded
+            # per layer, then filled.
             self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
             base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
-
-            # 3. Model: built on meta, sharded per layer, then filled.
             self._model = self._setup_model(cfg, base_state)
             if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
                 self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
             if cfg.compile:
                 self._loss_fn = training.compile_loss(self._loss_fn, verbose=self.is_rank_zero)
 
-            # 4. Data (each rank takes every world_size-th sample of the shared order), and the
+            # 3. Data (each rank takes every world_size-th sample of the shared order), and the
             # cascade on the shards; as on one device, the fp32 masters start from the
             # checkpoint as loaded, each rank keeping the rows of its own shard.
             self._sampler, self._dataloader = build_dataloader(
@@ -114,17 +109,22 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 steps_per_epoch=steps_per_epoch(len(self._dataloader), run.grad_accum,
                                                 cfg.get("max_steps_per_epoch", None)),
                 global_batch_size=cfg.batch_size * self.world_size * run.grad_accum,
-                metric_logger=self._metric_logger, throughput_name="tokens_per_second_per_gpu",
-                world_size=self.world_size)
+                throughput_name="tokens_per_second_per_gpu", world_size=self.world_size)
             del base_state
+
+            # 4. The saved state of an interrupted run, checked against this one.
+            if state_dir is not None:
+                load_sharded_training_state(state_dir["path"], self._model, self._cascade)
+
+            # 5. Every check passed on every rank: now write.
+            dist.barrier()
+            self._metric_logger = common.start_writing(cfg, run, self._cascade, self.is_rank_zero)
             utils.log_rank_zero(log, f"{self._cascade.describe_plan()}; {self.world_size} "
                                      f"processes")
-
-            # 5. The saved state of an interrupted run.
             if state_dir is not None:
-                meta = load_sharded_training_state(state_dir, self._model, self._cascade)
                 utils.log_rank_zero(log, f"{self._cascade.describe_resume()} (from "
-                                         f"{state_dir}, saved by {meta['world_size']} processes)")
+                                         f"{state_dir['path']}, saved by "
+                                         f"{state_dir['world_size']} processes)")
             dist.barrier()
 
     def _setup_model(self, cfg: DictConfig, base_state: Dict[str, torch.Tensor]
@@ -183,10 +183,11 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                                     seed=self._run.seed, keep_last=self._run.keep_last_n_states)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Consolidate and write ``epoch_{epoch}/`` on rank 0; save the sharded state."""
+        """Write ``epoch_{epoch}/`` (consolidated on rank 0), then the sharded state."""
+        self._run.end_epoch(self._cascade, lambda: self._export(epoch), self._save_state)
+
+    def _export(self, epoch: int) -> None:
         t0 = time.perf_counter()
-        if not self._run.save_state_at_epoch_end(self._cascade, self._save_state):
-            return
         # Gather the model, and fold from the engine's fp32 masters where it keeps them, as
         # the single-device recipe does (a bf16 run then rounds once, at the export).
         full = training.gather_cpu_state_dict(self._model, self.is_rank_zero,

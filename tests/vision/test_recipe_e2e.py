@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasc_tune.checkpoint import training_state_path
 from vision_helpers import randomize_
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,8 +97,13 @@ def test_resume_at_an_epoch_boundary_is_exact(tmp_path, shared_data):
             "--config", "configs/clip_tiny_hymenoptera.yaml", f"data.root={data}",
             f"checkpoint.path={src}", "eval.sets={}"]
     _run(base + [f"output_dir={tmp_path / 'a'}"])
-    # The state written after epoch 1 is still there: the last epoch writes none.
+    # The last epoch's state marks the run finished; without it, the newest is the one
+    # written after epoch 1, as a run killed during its last epoch would have left.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
+    final_state = training_state_path(tmp_path / "b")
+    assert torch.load(final_state, weights_only=False)["finished"]
+    final_state.with_name(final_state.name + ".sha256").unlink()
+    final_state.unlink()
     log = _run(base + [f"output_dir={tmp_path / 'b'}", "resume_from_checkpoint=True"])
     # Saved at the boundary: expert 1 is merged, expert 2 (and its noise) begins on resuming.
     assert "Resumed at epoch 1, step 15, expert 1 finished, the next begins now" in log
