@@ -240,6 +240,21 @@ def check_top_level_keys(cfg: Any, known: frozenset) -> None:
         raise LoRASCConfigError(f"unknown top-level config key(s): {', '.join(hints)}")
 
 
+def clip_grad_norm_value(clip: Any) -> Optional[float]:
+    """``clip_grad_norm`` as a float: null (no clipping, the norm is not computed), a number
+    > 0, or ``inf`` (torchtune's way to log the norm without clipping; YAML reads it as the
+    string "inf")."""
+    if clip is None:
+        return None
+    try:
+        value = float(clip) if not isinstance(clip, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or math.isnan(value) or value <= 0:
+        raise LoRASCConfigError(f"clip_grad_norm must be null, a number > 0 or inf; got {clip!r}")
+    return value
+
+
 def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS,
                            known_keys: frozenset = LLM_KEYS) -> None:
     """Check the top-level training keys a LoRASC recipe reads, before anything is written.
@@ -263,10 +278,7 @@ def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS,
     positive_int("save_every_n_steps", optional=True)
     positive_int("keep_last_n_states", optional=True)
     positive_int("log_every_n_steps", optional=True)  # null: every step
-    clip = cfg.get("clip_grad_norm", None)
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                             or not math.isfinite(float(clip)) or float(clip) <= 0):
-        raise LoRASCConfigError(f"clip_grad_norm must be null or a number > 0; got {clip!r}")
+    clip_grad_norm_value(cfg.get("clip_grad_norm", None))
     for key in sections:
         if cfg.get(key, None) is None:
             raise LoRASCConfigError(f"the config has no `{key}` section, which this recipe needs")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
@@ -42,7 +43,7 @@ from torch import nn
 
 from lorasc_tune.adapters import init_dora_magnitudes
 from lorasc_tune.cascade import CascadeEngine
-from lorasc_tune.config import LoRASCConfig
+from lorasc_tune.config import LoRASCConfig, clip_grad_norm_value
 from lorasc_tune.errors import NonFiniteLossError
 from lorasc_tune.plan import ExpertPlan, build_expert_optimizer
 
@@ -107,9 +108,17 @@ class Cascade:
         self.steps_per_epoch = int(steps_per_epoch)
         self.plan = ExpertPlan.build(self.cfg, self.steps_per_epoch, int(epochs))
         self.engine = CascadeEngine(model, self.cfg, seed=seed, master_source=master_source)
+        if self.cfg.cascade and self.plan.num_experts == 1:
+            # torchtune's stock configs train 1 epoch; one expert per epoch is then plain LoRA.
+            warnings.warn(
+                f"LoRASC: the cascade is on but this run has a single expert ({epochs} epoch(s), "
+                f"{self.plan.total_steps} steps), so it trains as plain LoRA; set "
+                f"lorasc.num_experts: T (or lorasc.steps_per_expert: N) for T experts",
+                stacklevel=2)
         self._cfg_optimizer = _as_config(optimizer)
         self._cfg_lr_scheduler = _as_config(lr_scheduler)
-        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        # inf: the norm is computed and logged, nothing is clipped (as in torchtune).
+        self.clip_grad_norm = clip_grad_norm_value(clip_grad_norm)
         self.run_shape = {"steps_per_epoch": self.steps_per_epoch,
                           "global_batch_size": global_batch_size}
         self.metric_logger = metric_logger

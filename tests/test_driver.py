@@ -254,3 +254,66 @@ def test_trainer_callback_refuses_bad_keys_and_schedules(tmp_path):
     trainer, _, _ = run_trainer(tmp_path, {}, lr_scheduler_type="cosine")
     with pytest.raises(ValueError, match="lr_scheduler_type='cosine' is not supported"):
         trainer.train()
+
+
+def test_clip_grad_norm_inf_logs_the_norm_without_clipping():
+    """torchtune's `clip_grad_norm: inf` (YAML gives the string): the norm is measured and
+    nothing is clipped, so the weights equal an unclipped run."""
+    unclipped, _ = plain_loop({}, clip=None)
+    model, rows = tiny_model(), tiny_data()
+    norms = []
+
+    class Spy:
+        def log_dict(self, metrics, step):
+            if "grad_norm" in metrics:
+                norms.append(metrics["grad_norm"])
+
+    cascade = Cascade(model, {}, seed=0, steps_per_epoch=4, epochs=3, optimizer=OPTIMIZER,
+                      lr_scheduler=SCHEDULE, clip_grad_norm="inf", metric_logger=Spy())
+    expected = []
+    for _ in range(3):
+        for x, y in batches(rows, 4):
+            cascade.begin_step()
+            loss = model(x, y)["loss"]
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            expected.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item())
+            cascade.step(loss)
+    assert norms == pytest.approx(expected, rel=1e-6)
+    # Not vacuous: clipping at a norm these steps exceed changes the weights.
+    assert max(norms) > 0.05
+    clipped, _ = plain_loop({}, clip=0.05)
+    assert any(not torch.equal(clipped.state_dict()[k], v)
+               for k, v in unclipped.state_dict().items())
+    for k, v in unclipped.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_a_cascade_with_one_expert_warns_how_to_get_more():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"single expert .* set lorasc\.num_experts: T"):
+        Cascade(tiny_model(), {}, seed=0, steps_per_epoch=4, epochs=1, optimizer=OPTIMIZER)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Cascade(tiny_model(), {"num_experts": 4}, seed=0, steps_per_epoch=4, epochs=1,
+                optimizer=OPTIMIZER)
+        Cascade(tiny_model(), {"cascade": False}, seed=0, steps_per_epoch=4, epochs=1,
+                optimizer=OPTIMIZER)
+    assert not [w for w in record if "single expert" in str(w.message)]
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), (1, 1.0), (0.5, 0.5), ("inf", math.inf),
+                                            (math.inf, math.inf)])
+def test_clip_grad_norm_accepts_numbers_and_inf(value, expected):
+    from lorasc_tune.config import clip_grad_norm_value
+
+    assert clip_grad_norm_value(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "abc", True, float("nan")])
+def test_clip_grad_norm_refuses_the_rest_naming_the_key(value):
+    from lorasc_tune.config import LoRASCConfigError, clip_grad_norm_value
+
+    with pytest.raises(LoRASCConfigError, match="clip_grad_norm must be null, a number > 0 or inf"):
+        clip_grad_norm_value(value)
