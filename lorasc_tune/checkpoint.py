@@ -27,7 +27,7 @@ from lorasc_tune.cascade import CascadeEngine
 
 if TYPE_CHECKING:
     from lorasc_tune.driver import Cascade
-from lorasc_tune.io import atomic_torch_save, atomic_write_text
+from lorasc_tune.io import atomic_torch_save, atomic_write_text, write_failure_explained
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ def save_training_state(output_dir: str | Path, model: nn.Module, cascade: "Casc
     """
     root = Path(output_dir) / STATE_DIRNAME
     path = root / f"{STATE_PREFIX}{cascade.global_step:08d}.pt"
-    atomic_torch_save(capture_training_state(model, cascade, seed=seed), path)
+    with write_failure_explained(f"writing the training state {path}",
+                                 "the states saved before it are intact"):
+        atomic_torch_save(capture_training_state(model, cascade, seed=seed), path)
     # "boundary": saved between two experts, where a restart of the next expert can begin.
     tag = "" if cascade.engine.expert_open else "  boundary"
     atomic_write_text(path.with_name(path.name + DIGEST_SUFFIX),

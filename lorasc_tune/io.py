@@ -113,3 +113,21 @@ def lock_output_dir(folder: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD_LOCKS[folder] = fd
+
+
+@contextlib.contextmanager
+def write_failure_explained(what: str, kept: str):
+    """Turn a failed write into one plain error: what failed, why (a full disk is named as
+    such; torch reports it as ``enforce fail at inline_container.cc``) and what is intact."""
+    import errno
+
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own class for ENOSPC
+        full = (getattr(err, "errno", None) == errno.ENOSPC or "inline_container" in str(err)
+                or "No space left" in str(err))
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, f"{what} failed: no space left on the device; {kept}. Free "
+                                    f"some space and resume with resume_from_checkpoint: true") \
+            from err

@@ -23,7 +23,7 @@ from lorasc_tune.checkpoint import discard_states_after, load_training_state
 from lorasc_tune.config import check_checkpoint_files, check_dataset_rows, check_tokenizer_file
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
-from lorasc_tune.io import lock_output_dir, replace_dir
+from lorasc_tune.io import lock_output_dir, replace_dir, write_failure_explained
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,11 @@ def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor
     real_output_dir = checkpointer._output_dir
     checkpointer._output_dir = staging
     try:
-        checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch,
-                                     intermediate_checkpoint=False)
+        with write_failure_explained(f"exporting epoch_{epoch} to {staging}",
+                                     "the epoch folders and training state saved before are "
+                                     "intact"):
+            checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch,
+                                         intermediate_checkpoint=False)
     finally:
         checkpointer._output_dir = real_output_dir
     final_dir = Path(output_dir) / f"epoch_{epoch}"

@@ -353,3 +353,32 @@ def test_restart_expert_recovers_from_a_divergence(assets, reference, tmp_path):
     assert_same_epochs(out, reference, tmp_path)
     assert all(int(p.name[15:23]) > 6 or int(p.name[15:23]) <= 4
                for p in (out / STATE_DIRNAME).glob("training_state_*.pt"))
+
+
+@pytest.mark.parametrize("disk_kib", [1200, 1300])
+def test_a_full_disk_is_survived(assets, reference, tmp_path, disk_kib):
+    """A real full disk (a small tmpfs): 1200 KiB fills while epoch_1/ is exported, 1300 KiB
+    while its state is written. After freeing space, a resume finishes the run exactly."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={disk_kib}k", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        reason = f"cannot mount a tmpfs here: {mounted.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        out = disk / "run"
+        with pytest.raises(OSError, match=r"failed: no space left on the device; the .* intact"):
+            run_recipe(tiny_cfg(assets, out, epochs=EPOCHS))
+        assert (out / "epoch_0").is_dir() and not (out / "epoch_2").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        run_recipe(tiny_cfg(assets, out, epochs=EPOCHS, resume_from_checkpoint=True))
+        assert_same_epochs(out, reference, tmp_path)
+        assert_no_leftovers(out)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
