@@ -53,6 +53,58 @@ class AdaptedLayer:
         return (self.lora_b.shape[0], self.lora_a.shape[1])
 
 
+class PeftAdaptedLayer(AdaptedLayer):
+    """A Hugging Face PEFT ``lora.Linear`` (its active adapter) seen as an :class:`AdaptedLayer`.
+
+    PEFT keeps ``W`` in ``base_layer`` and one ``lora_A`` / ``lora_B`` per adapter name, with
+    ``scaling[name] = lora_alpha / r``; the engine needs nothing else, so the cascade runs on
+    PEFT models exactly as on torchtune's layers.
+    """
+
+    @property
+    def _adapter(self) -> str:
+        active = self.module.active_adapters
+        return active[0] if isinstance(active, (list, tuple)) else active
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.base_layer.weight
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        return self.module.lora_A[self._adapter].weight
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        return self.module.lora_B[self._adapter].weight
+
+    @property
+    def scale(self) -> float:
+        return float(self.module.scaling[self._adapter])
+
+    @property
+    def dora(self) -> bool:
+        return False
+
+
+def _is_peft_lora_linear(module: nn.Module) -> bool:
+    """PEFT's LoRA ``Linear`` (duck-typed: PEFT need not be installed to run the rest)."""
+    return (isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "base_layer", None), nn.Linear))
+
+
+def _peft_layer(name: str, module: nn.Module) -> PeftAdaptedLayer:
+    layer = PeftAdaptedLayer(name, module)
+    adapter = layer._adapter
+    if len(module.active_adapters) != 1 or adapter not in module.lora_A:
+        raise ValueError(f"{name}: LoRASC drives one active PEFT adapter per layer; this one has "
+                         f"{list(module.active_adapters)}")
+    if module.use_dora.get(adapter, False):
+        raise ValueError(f"{name}: PEFT DoRA layers are not supported by the LoRASC engine; use "
+                         f"lorasc_tune.adapters.inject(..., use_dora=True) (torchtune's DoRA)")
+    return layer
+
+
 # Wrappers that add a segment to module and parameter names but not to state-dict keys:
 # activation checkpointing (torch's CheckpointWrapper, which torchtune's
 # set_activation_checkpointing applies per layer). A whole-module torch.compile's ``_orig_mod.``
@@ -78,15 +130,18 @@ def parameters_by_state_dict_name(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 
 def find_adapters(model: nn.Module) -> List[AdaptedLayer]:
-    """All torchtune ``LoRALinear``/``DoRALinear`` layers (subclasses included), in module order.
+    """All torchtune ``LoRALinear``/``DoRALinear`` layers (subclasses included) and Hugging Face
+    PEFT LoRA ``Linear`` layers, in module order.
 
     Each layer is named by its state-dict key (see :func:`state_dict_name`).
     """
-    return [
-        AdaptedLayer(state_dict_name(name), m)
-        for name, m in model.named_modules()
-        if isinstance(m, (LoRALinear, DoRALinear))
-    ]
+    layers: List[AdaptedLayer] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, DoRALinear)):
+            layers.append(AdaptedLayer(state_dict_name(name), m))
+        elif _is_peft_lora_linear(m):
+            layers.append(_peft_layer(state_dict_name(name), m))
+    return layers
 
 
 def adapter_key_names(layer: AdaptedLayer) -> List[str]:

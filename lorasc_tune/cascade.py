@@ -199,8 +199,8 @@ class CascadeEngine:
         Returns:
             ``{layer name: λ·std(s·B_slow·A_slow)}``, the per-matrix noise scale: ``W`` got
             ``U(-1/2, 1/2)`` times it, i.e. ``U(-λ/2, λ/2)·std`` (the noise's own standard
-            deviation is this over √12). All zero for ``t = 1`` or ``λ = 0``. The recipes log
-            it as ``noise_std/<layer>``.
+            deviation is this over √12). All zero for ``t = 1`` or ``λ = 0``. The driver logs
+            it as ``noise_width/<layer>``.
         """
         if self.expert_open:
             raise RuntimeError(f"begin_expert: expert {self.expert} is still open")

@@ -15,6 +15,7 @@ corrupted on disk is passed over for the one before it, and the resume says so.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -221,6 +222,7 @@ def restore_training_state(model: nn.Module, cascade: "Cascade", state: Dict[str
 # The folder is written under a temporary name and renamed once every rank has finished.
 
 SHARDED_PREFIX = "step_"
+SHARDED_DIGEST = "digest.json"
 
 
 def _sharded_tensors(model: nn.Module, engine: CascadeEngine, slow: Dict[str, Any]):
@@ -232,19 +234,44 @@ def _sharded_tensors(model: nn.Module, engine: CascadeEngine, slow: Dict[str, An
     }
 
 
+def sharded_integrity_problem(folder: Path) -> Optional[str]:
+    """Why a sharded state folder must not be used, or None."""
+    listing = folder / SHARDED_DIGEST
+    if not listing.is_file():
+        return f"it has no {SHARDED_DIGEST} (the save did not finish)"
+    for name, digest in json.loads(listing.read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_digest(path) != digest:
+            return f"{name} does not match its digest (corrupted or truncated)"
+    return None
+
+
 def latest_sharded_meta(output_dir: str | Path) -> Dict[str, Any]:
-    """The newest complete sharded state's position: ``path``, ``global_step``, ``seed``,
-    ``world_size`` and ``finished``; a clear error if there is none."""
+    """The newest intact sharded state's position: ``path``, ``global_step``, ``seed``,
+    ``world_size`` and ``finished``. States failing their digests are passed over, with a
+    warning; with none intact, the error names each folder and why."""
     root = Path(output_dir) / STATE_DIRNAME
-    done = sorted(p for p in root.iterdir() if p.name.startswith(SHARDED_PREFIX)
-                  and (p / "meta.pt").is_file()) if root.is_dir() else []
+    done = sorted((p for p in root.iterdir() if p.name.startswith(SHARDED_PREFIX)
+                   and (p / "meta.pt").is_file()), reverse=True) if root.is_dir() else []
     if not done:
         raise FileNotFoundError(
             f"resume_from_checkpoint is true but there is no sharded LoRASC training state "
             f"under {root}")
-    meta = torch.load(done[-1] / "meta.pt", map_location="cpu", weights_only=False)
-    return {"path": done[-1], **{k: meta.get(k) for k in
-                                 ("global_step", "seed", "world_size", "finished")}}
+    passed_over = []
+    for folder in done:
+        problem = sharded_integrity_problem(folder)
+        if problem is not None:
+            passed_over.append((folder, problem))
+            continue
+        for bad, why in passed_over:
+            log.warning(f"LoRASC: not resuming from {bad}: {why}; using {folder.name} instead")
+        meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=False)
+        return {"path": folder, **{k: meta.get(k) for k in
+                                   ("global_step", "seed", "world_size", "finished")}}
+    raise ValueError("resume_from_checkpoint: no intact sharded training state in " + str(root)
+                     + ": " + "; ".join(f"{p.name}: {why}" for p, why in passed_over))
 
 
 def save_sharded_training_state(output_dir: str | Path, model: nn.Module, cascade: "Cascade",
@@ -282,6 +309,9 @@ def save_sharded_training_state(output_dir: str | Path, model: nn.Module, cascad
         torch.save({**meta, "version": TRAINING_STATE_VERSION, "seed": seed, "rng": rng,
                     "finished": cascade.finished, "world_size": dist.get_world_size()},
                    staging / "meta.pt")
+        # Written last: a folder is used only if every file still matches its digest.
+        digests = {p.name: file_digest(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        atomic_write_text(staging / SHARDED_DIGEST, json.dumps(digests, indent=1))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

@@ -317,6 +317,68 @@ def check_tokenizer_file(cfg_tokenizer: Any) -> None:
         raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
 
 
+def check_json_data_files(cfg_dataset: Any, name: str = "dataset") -> None:
+    """Read a local JSON / JSON-lines dataset as the file it is, before HF ``datasets`` does.
+
+    ``datasets`` reports a syntax error without a file or line, and infers one type per column:
+    a single ``"output": 5`` among text outputs turns the column into numbers and the error
+    surfaces at another row. Here a syntax error names the file, line and column, and a field
+    whose type differs from its other rows names the file's own row.
+    """
+    import json
+
+    if cfg_dataset.get("source", None) != "json":
+        return
+    files = cfg_dataset.get("data_files", None)
+    files = [files] if isinstance(files, str) else list(files or [])
+    for file in files:
+        path = Path(str(file))
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}.data_files: {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        # One JSON document ("[...]"), or JSON lines (one object per line).
+        lines = [] if text.lstrip().startswith("[") else text.splitlines()
+        try:
+            rows = [json.loads(line) for line in lines if line.strip()] if lines \
+                else json.loads(text)
+        except json.JSONDecodeError as err:
+            line_no = err.lineno
+            if lines:  # the error is relative to the line it was parsing
+                line_no = next(i for i, line in enumerate(lines, 1)
+                               if line.strip() and not _parses(line))
+            raise ValueError(f"{name}.data_files: {path} is not valid JSON: line {line_no}, "
+                             f"column {err.colno}: {err.msg}") from None
+        if isinstance(rows, dict):  # {"data": [...]}-style files: leave them to `field:`
+            continue
+        types: Dict[str, Dict[type, int]] = {}
+        for row in rows:
+            for key, value in (row.items() if isinstance(row, dict) else ()):
+                if value is not None:
+                    types.setdefault(key, {}).setdefault(type(value), 0)
+                    types[key][type(value)] += 1
+        for key, seen in types.items():
+            if len(seen) < 2:
+                continue
+            usual = max(seen, key=seen.get)
+            for i, row in enumerate(rows):
+                value = row.get(key) if isinstance(row, dict) else None
+                if value is not None and type(value) is not usual:
+                    raise ValueError(
+                        f"{name}.data_files: {path} row {i} has {key!r} = {value!r} of type "
+                        f"{type(value).__name__}, where the other rows have type "
+                        f"{usual.__name__}; fix that row")
+
+
+def _parses(line: str) -> bool:
+    import json
+
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def check_dataset_rows(dataset: Any, name: str = "dataset",
                        max_seq_len: Optional[int] = None) -> int:
     """Transform every row once so a malformed one fails now, naming its index and field.

@@ -22,9 +22,9 @@ default) and drives :class:`lorasc_tune.driver.Cascade` from the Trainer's event
   ``trainer.train(resume_from_checkpoint=...)`` continues.
 
 Models: any module whose adapters are torchtune ``LoRALinear``/``DoRALinear`` layers (a
-torchtune ``lora_*`` model, or :func:`lorasc_tune.adapters.inject` on a transformers model).
-HF PEFT models are not driven: PEFT's releases that accept torch 2.14 refuse torchao 0.15,
-which torchtune 0.6.1's ``tune`` CLI needs (see the README).
+torchtune ``lora_*`` model, or :func:`lorasc_tune.adapters.inject` on a transformers model),
+or a Hugging Face PEFT LoRA model (``peft.get_peft_model``; PEFT 0.18.1 is the newest that
+accepts torchao 0.15, which torchtune 0.6.1's ``tune`` needs; PEFT's DoRA is refused).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 
+from lorasc_tune.adapters import find_adapters
 from lorasc_tune.config import LoRASCConfig
 from lorasc_tune.driver import Cascade
 from lorasc_tune.io import atomic_torch_save
@@ -152,7 +153,7 @@ class LoRASCCallback(TrainerCallback):
 def _split_lora_b_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                          ratio: float) -> None:
     """Move every ``lora_b`` parameter into a copy of its group at ``ratio ×`` the lr."""
-    b_ids = {id(p) for name, p in model.named_parameters() if name.endswith("lora_b.weight")}
+    b_ids = {id(layer.lora_b) for layer in find_adapters(model)}
     added = []
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])

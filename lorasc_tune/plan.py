@@ -126,11 +126,14 @@ def optimizer_param_groups(model: nn.Module, lr: float, lr_ratio_B: float) -> Li
     The scheduler scales each group's initial lr by the same factor, so the ratio holds at
     every step.
     """
+    from lorasc_tune.adapters import find_adapters
+
+    b_ids = {id(layer.lora_b) for layer in find_adapters(model)}  # torchtune's and PEFT's B
     base, b_params = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        (b_params if name.endswith("lora_b.weight") else base).append(p)
+        (b_params if id(p) in b_ids else base).append(p)
     groups = [{"params": base, "lr": lr, "name": "base"}]
     if b_params:
         groups.append({"params": b_params, "lr": lr * lr_ratio_B, "name": "lora_b"})

@@ -19,8 +19,9 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from lorasc_tune.cascade import NonFiniteExpertError
-from lorasc_tune.checkpoint import discard_states_after, load_training_state
-from lorasc_tune.config import check_checkpoint_files, check_dataset_rows, check_tokenizer_file
+from lorasc_tune.checkpoint import KEEP_STATES, discard_states_after, load_training_state
+from lorasc_tune.config import (check_checkpoint_files, check_dataset_rows, check_json_data_files,
+                                check_tokenizer_file)
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
 from lorasc_tune.io import lock_output_dir, replace_dir, write_failure_explained
@@ -38,7 +39,8 @@ class RunSettings:
         save_every_n_steps: also save the training state every N optimizer steps (or never).
         save_final_model_only: export only the last epoch's model (a 7B model is 13.5 GB per
             epoch; sweeps rarely want the others).
-        keep_last_n_states: sharded training states kept (the FSDP2 recipe).
+        keep_last_n_states: sharded training states kept (the FSDP2 recipe); at least two by
+            default, so a damaged newest state has an intact one before it.
         activation_checkpointing / activation_offloading: torchtune's memory savers.
         seed: the run's seed, after ``training.set_seed`` (which draws one for ``seed: null``).
         restart_expert: with ``resume``, restart the expert that was training from its first
@@ -73,7 +75,7 @@ class RunSettings:
             resume=bool(cfg.get("resume_from_checkpoint", False)),
             save_every_n_steps=cfg.get("save_every_n_steps", None),
             save_final_model_only=bool(cfg.get("save_final_model_only", False)),
-            keep_last_n_states=cfg.get("keep_last_n_states", None) or 1,
+            keep_last_n_states=cfg.get("keep_last_n_states", None) or KEEP_STATES,
             activation_checkpointing=act_ckpt, activation_offloading=act_offload,
             seed=training.set_seed(seed=cfg.seed,
                                    debug_mode=cfg.get("cudnn_deterministic_mode", None)),
@@ -109,7 +111,7 @@ def cascade_from_config(model: torch.nn.Module, cfg: DictConfig, run: RunSetting
     """The driver from a recipe config: ``lorasc``, ``optimizer``, ``lr_scheduler``,
     ``clip_grad_norm``, ``log_every_n_steps`` and ``log_peak_memory_stats`` are read here.
     Its metric logger is attached by :func:`start_writing`, once every check has passed."""
-    cascade = Cascade(
+    return Cascade(
         model, cfg.get("lorasc", None), seed=run.seed, steps_per_epoch=steps_per_epoch,
         epochs=run.epochs, optimizer=cfg.optimizer, lr_scheduler=cfg.get("lr_scheduler", None),
         clip_grad_norm=cfg.get("clip_grad_norm", None), global_batch_size=global_batch_size,
@@ -118,7 +120,6 @@ def cascade_from_config(model: torch.nn.Module, cfg: DictConfig, run: RunSetting
         world_size=world_size,
         memory_device=device if cfg.get("log_peak_memory_stats", False) and device.type == "cuda"
         else None)
-    return cascade
 
 
 class RunAlreadyFinished(Exception):
@@ -200,6 +201,32 @@ def start_writing(cfg: DictConfig, run: RunSettings, cascade: Cascade,
     return metric_logger
 
 
+def load_base_checkpoint(checkpointer: Any, cfg: DictConfig) -> Dict[str, torch.Tensor]:
+    """The base model's state dict, through the checkpointer; a conversion that fails because
+    the weights and the checkpoint's ``config.json`` disagree is named as such."""
+    import json
+
+    from torchtune import training
+
+    try:
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+    except RuntimeError as err:
+        if "is invalid for input of size" not in str(err):
+            raise
+        folder = Path(str(cfg.checkpointer.get("checkpoint_dir", "")))
+        hf = folder / "config.json"
+        facts = ""
+        if hf.is_file():
+            conf = json.loads(hf.read_text())
+            keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+            facts = ", ".join(f"{k}={conf[k]}" for k in keys if k in conf)
+            facts = f" ({hf} says {facts})"
+        raise ValueError(
+            f"checkpointer: the weights in {folder} do not have the shapes its config.json "
+            f"describes{facts}, so torchtune could not convert them ({err}); check that the "
+            f"config.json belongs to these weights") from None
+
+
 def check_checkpoint_fits(model: torch.nn.Module, missing: List[str], unexpected: List[str]
                           ) -> None:
     """Refuse a base checkpoint that does not fit ``cfg.model`` (adapters are not in it)."""
@@ -253,10 +280,11 @@ def read_llm_inputs(cfg: DictConfig) -> Tuple[Any, Any, Any]:
     check_tokenizer_file(cfg.tokenizer)
     tokenizer = config.instantiate(cfg.tokenizer)
     loss_fn = config.instantiate(cfg.loss)
-    if isinstance(cfg.dataset, ListConfig):
-        dataset = ConcatDataset([config.instantiate(c, tokenizer) for c in cfg.dataset])
-    else:
-        dataset = config.instantiate(cfg.dataset, tokenizer)
+    parts = list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+    for i, part in enumerate(parts):
+        check_json_data_files(part, "dataset" if len(parts) == 1 else f"dataset[{i}]")
+    datasets = [config.instantiate(part, tokenizer) for part in parts]
+    dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     if cfg.get("validate_dataset", True):
         check_dataset_rows(dataset, max_seq_len=getattr(tokenizer, "max_seq_len", None))
     return tokenizer, loss_fn, dataset
@@ -414,6 +442,7 @@ __all__ = [
     "device_and_dtype",
     "lm_loss",
     "optimizer_steps",
+    "load_base_checkpoint",
     "load_resume_state",
     "read_llm_inputs",
     "remove_orphans",

@@ -122,3 +122,25 @@ def test_dora_under_fsdp2_matches_single_device(runs):
     tune_run_distributed(tiny_cfg(assets, fsdp, batch_size=2, **{"model.use_dora": True}, **COMMON),
                          2, tmp)
     assert_same_weights(merged(fsdp, 2, tmp), merged(single, 2, tmp), atol=1e-5)
+
+
+def test_a_damaged_sharded_state_is_passed_over(runs):
+    """Bytes flipped in the newest sharded state: the resume warns, uses the one before it
+    and still reaches the uninterrupted weights."""
+    tmp = runs["tmp"]
+    out = tmp / "resume_damaged"
+    for step in (5, 6):
+        src = runs["fsdp2"] / STATE_DIRNAME / f"step_{step:08d}"
+        shutil.copytree(src, out / STATE_DIRNAME / src.name)
+    newest = out / STATE_DIRNAME / f"step_{6:08d}"
+    victim = max((p for p in newest.iterdir() if p.name.endswith(".distcp")),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    cfg = tiny_cfg(runs["assets"], out, batch_size=4, resume_from_checkpoint=True, **COMMON)
+    proc = tune_run_distributed(cfg, 1, tmp)
+    log = proc.stdout + proc.stderr
+    assert f"not resuming from {newest}: {victim.name} does not match its digest" in log
+    assert "step_00000005 instead" in log
+    assert_same_weights(merged(out, 2, tmp), merged(runs["fsdp2"], 2, tmp), atol=1e-5)

@@ -317,3 +317,68 @@ def test_clip_grad_norm_refuses_the_rest_naming_the_key(value):
 
     with pytest.raises(LoRASCConfigError, match="clip_grad_norm must be null, a number > 0 or inf"):
         clip_grad_norm_value(value)
+
+
+def tiny_peft_llama():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj"]))
+
+
+def token_rows(n: int = 16):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (n, 12), generator=g)
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
+
+
+@pytest.mark.parametrize("lorasc", [{"slow_alpha": 0.5, "noise_lambda": 1.0},
+                                    {"slow_alpha": 0.5, "lr_ratio_B": 16.0, "num_experts": 5}])
+def test_trainer_callback_drives_a_peft_lora_model(tmp_path, lorasc):
+    """A Hugging Face PEFT LoRA model: the callback in a Trainer and the driver in a plain loop
+    reach the same weights; the cascade really merged into PEFT's base layers."""
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.data import SequentialSampler
+
+    from lorasc_tune.adapters import PeftAdaptedLayer, find_adapters
+    from lorasc_tune.hf import LoRASCCallback
+
+    class InOrderTrainer(transformers.Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    rows = token_rows()
+    trained = tiny_peft_llama()
+    base_before = trained.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
+        learning_rate=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"],
+        lr_scheduler_type="linear", warmup_steps=SCHEDULE["num_warmup_steps"], optim="adamw_torch",
+        max_grad_norm=1.0, report_to=[], save_strategy="no", use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True)
+    callback = LoRASCCallback(seed=0, **lorasc)
+    InOrderTrainer(model=trained, args=args, train_dataset=rows, callbacks=[callback]).train()
+
+    reference = tiny_peft_llama()
+    layers = find_adapters(reference)
+    assert len(layers) == 4 and all(isinstance(l, PeftAdaptedLayer) for l in layers)
+    cascade = Cascade(reference, lorasc, seed=0, steps_per_epoch=4, epochs=3,
+                      optimizer=OPTIMIZER, lr_scheduler=SCHEDULE, clip_grad_norm=1.0)
+    for _ in range(3):
+        for i in range(0, len(rows), 4):
+            batch = {k: torch.stack([r[k] for r in rows[i:i + 4]]) for k in rows[0]}
+            cascade.begin_step()
+            loss = reference(**batch).loss
+            loss.backward()
+            cascade.step(loss)
+    assert callback.cascade.engine.expert == cascade.engine.expert > 1
+    got, want = trained.state_dict(), reference.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    merged_q = got["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (merged_q - base_before).abs().max() > 1e-4

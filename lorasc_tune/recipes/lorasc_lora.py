@@ -79,7 +79,7 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         with removed_on_error(run.output_dir):
             # 2. The base checkpoint and the model.
             self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            base_state = common.load_base_checkpoint(self._checkpointer, cfg)
             with training.set_default_dtype(self._dtype), self._device:
                 self._model = config.instantiate(cfg.model)
             common.prepare_lora_model(self._model, cfg, run)

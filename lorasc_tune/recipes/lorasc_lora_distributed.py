@@ -90,7 +90,7 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
             # 2. Every rank reads the checkpoint (mmap'ed); the model is built on meta, sharded
             # per layer, then filled.
             self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-            base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            base_state = common.load_base_checkpoint(self._checkpointer, cfg)
             self._model = self._setup_model(cfg, base_state)
             if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
                 self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
