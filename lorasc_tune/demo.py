@@ -203,11 +203,36 @@ def demo_instruct_dataset(tokenizer, cache_dir: Optional[str] = None, num_exampl
                           train_on_input=train_on_input, packed=packed)
 
 
+def write_hf_tokenizer_files(folder: Path, spm_model: Path, max_seq_len: int = 256) -> None:
+    """The tokenizer and generation files of a Hugging Face Llama folder, for a SentencePiece
+    model: ``AutoTokenizer`` then gives the ids torchtune's ``llama2_tokenizer`` does (BOS
+    first), and greedy generation stops at EOS. Existing files are kept."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.model").exists():
+        atomic_write_bytes(folder / "tokenizer.model", Path(spm_model).read_bytes())
+    files = {
+        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+                                  "add_eos_token": False, "bos_token": "<s>",
+                                  "eos_token": "</s>", "unk_token": "<unk>",
+                                  "model_max_length": max_seq_len},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>",
+                                    "unk_token": "<unk>"},
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False,
+                                   "max_length": max_seq_len},
+    }
+    for name, content in files.items():
+        if not (folder / name).exists():
+            atomic_write_text(folder / name, json.dumps(content, indent=1))
+
+
 def demo_checkpointer(output_dir: str, cache_dir: Optional[str] = None, **kwargs):
-    """torchtune's stock ``FullModelHFCheckpointer`` over a freshly written tiny Llama-2."""
+    """torchtune's stock ``FullModelHFCheckpointer`` over a freshly written tiny Llama-2, whose
+    folder also holds the demo tokenizer in Hugging Face's layout: torchtune copies those files
+    into every exported epoch, which transformers and ``lm_eval --model hf`` then load as is."""
     from torchtune.training import FullModelHFCheckpointer
 
     ckpt_dir = write_tiny_llama2_hf_checkpoint(_cache_dir(cache_dir) / "tiny_llama2_hf")
+    write_hf_tokenizer_files(ckpt_dir, write_demo_tokenizer(cache_dir))
     return FullModelHFCheckpointer(
         checkpoint_dir=str(ckpt_dir),
         checkpoint_files=["model-00001-of-00001.safetensors"],

@@ -423,3 +423,4 @@ def test_weights_that_do_not_match_their_config_json_are_named(assets, tmp_path)
     with pytest.raises(ValueError, match=r"do not have the shapes its config\.json describes "
                                          r"\(.*num_attention_heads=8"):
         run_recipe(tiny_cfg(assets, tmp_path / "run", **{"checkpointer.checkpoint_dir": str(ckpt)}))
+
