@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,8 +49,6 @@ from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -85,11 +82,10 @@ DEFAULTS = dict(rm.DEFAULTS, num_train={"sst2": 256, "cb": 150})
 del DEFAULTS["epochs"], DEFAULTS["lora_rank"], DEFAULTS["lora_alpha"]  # they are the grid
 SMOKE = dict(DEFAULTS, num_train={"sst2": 24, "cb": 24}, num_dev=8, num_eval=16, max_seq_len=32)
 ALPHA_PER_RANK = 2.0  # lora_alpha = 2 x rank: scale 2 at every rank, as §4's rank 8 / alpha 16
-# The §4 grid: on MiniLM at rank 8 validation picked each of the three rates for some rows, the
-# top one mostly for the LoRASC rows; with scale 2 the step grows with rank, and 20 epochs
-# favour smaller rates, so the grid keeps 5e-4 at the bottom rather than moving up.
-DEFAULT_LRS = (5e-4, 2e-3, 8e-3)
-DEFAULT_SEEDS = (0, 1, 2)
+# Learning rates and seeds are §4's (replicate_minilm.DEFAULT_LRS / DEFAULT_SEEDS): on MiniLM at
+# rank 8 validation picked each of the three rates for some rows, the top one mostly for the
+# LoRASC rows; with scale 2 the step grows with rank, and 20 epochs favour smaller rates, so
+# the grid keeps 5e-4 at the bottom rather than moving up.
 RESULT_VERSION = 1
 
 
@@ -150,38 +146,16 @@ def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, lis
 
 
 def sweep(out_dir: Path, cells: List[Cell], s: dict) -> None:
-    torch.set_num_threads(1)  # the machine is shared; one core for the sweep
-    done = sum(c.path(out_dir).is_file() for c in cells)
-    print(f"{len(cells)} cells, {done} already finished", flush=True)
-    if done == len(cells):
-        return
-    tokenizer, encoder = rm.load_encoder()
-    base_state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    from transformers import AutoModel
-
-    def factory():
-        return AutoModel.from_config(encoder.config)
-
-    cache: Dict[tuple, dict] = {}
-    for c in cells:
-        if c.path(out_dir).is_file():
-            continue
-        key = (c.task, c.seed)
-        if key not in cache:
-            cache.clear()
-            raw = rm.task_splits(c.task, c.seed, task_sizes(s, c.task))
-            cache[key] = {k: rm.encode(tokenizer, v, s["max_seq_len"]) for k, v in raw.items()}
-        res = run_cell(c, s, base_state, factory, cache[key])
-        res["settings"] = rm.settings_record(s)
-        res["host"] = platform.node()
-        atomic_write_text(c.path(out_dir), json.dumps(res, indent=1) + "\n")
-        done += 1
+    def describe(c: Cell, res: dict) -> str:
         acc = ("diverged" if res["diverged"] else
                f"train {res['train']['acc']:.1f} val {res['validation']['acc']:.1f} "
                f"test {res['test']['acc']:.1f}")
-        print(f"[{done}/{len(cells)}] {c.task} e{c.epochs} r{c.rank} {c.method} seed{c.seed} "
-              f"lr{format_lr(c.lr)}: {acc} ({res['seconds']['total']:.1f}s wall, "
-              f"{res['seconds']['cpu']:.1f}s CPU)", flush=True)
+        return f"{c.task} e{c.epochs} r{c.rank} {c.method} seed{c.seed} lr{format_lr(c.lr)}: {acc}"
+
+    rm.run_pending(out_dir, cells, s,
+                   splits=lambda task, seed: rm.task_splits(task, seed, task_sizes(s, task)),
+                   train=lambda c, base, tok, factory, data: run_cell(c, s, base, factory, data),
+                   describe=describe)
 
 
 # ---- table and plot ---------------------------------------------------------------------------
@@ -369,12 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--tasks", type=rm._csv(str), default=list(TASKS))
     p.add_argument("--epochs", type=rm._csv(int), default=list(EPOCHS))
     p.add_argument("--ranks", type=rm._csv(int), default=list(RANKS))
-    p.add_argument("--methods", type=rm._csv(str), default=list(METHODS))
-    p.add_argument("--seeds", type=rm._csv(int), default=list(DEFAULT_SEEDS))
-    p.add_argument("--lrs", type=rm._csv(float), default=list(DEFAULT_LRS))
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and LoRASC auto")
-    p.add_argument("--table", action="store_true", help="only write table.md and the plots")
+    rm.add_grid_arguments(p, METHODS, "tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and "
+                          "LoRASC auto", "only write table.md and the plots")
     a = p.parse_args(argv)
     s = dict(SMOKE if a.smoke else DEFAULTS)
     if a.smoke:

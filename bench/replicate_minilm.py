@@ -54,7 +54,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,40 +366,52 @@ def check_settings(out_dir: Path, s: dict, grid: dict) -> None:
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
 
 
-def sweep(out_dir: Path, cells: List[Cell], s: dict, shard: tuple) -> None:
+def run_pending(out_dir: Path, cells: Sequence, s: dict, splits, train, describe) -> None:
+    """Train every unfinished cell and write its JSON atomically, one thread, in order.
+
+    Each (task, seed)'s splits are encoded once. ``splits(task, seed)`` gives the raw splits,
+    ``train(cell, base_state, tokenizer, encoder_factory, data)`` the result record, and
+    ``describe(cell, result)`` the progress line (before its timings).
+    """
     torch.set_num_threads(1)  # the machine is shared; one core per sweep process
-    todo = [c for i, c in enumerate(cells) if i % shard[1] == shard[0]]
-    done = sum(c.path(out_dir).is_file() for c in todo)
-    print(f"{len(todo)} cells in this shard, {done} already finished", flush=True)
-    if done == len(todo):
+    done = sum(c.path(out_dir).is_file() for c in cells)
+    print(f"{len(cells)} cells, {done} already finished", flush=True)
+    if done == len(cells):
         return  # nothing to train: do not load the model
     tokenizer, encoder = load_encoder()
     base_state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    config = encoder.config
     from transformers import AutoModel
 
     def factory():
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(encoder.config)
 
-    cache = {}
-    for c in todo:
+    cache: Dict[tuple, dict] = {}
+    for c in cells:
         if c.path(out_dir).is_file():
             continue
-        key = (c.task, c.seed)
-        if key not in cache:
+        if (c.task, c.seed) not in cache:
             cache.clear()
-            raw = task_splits(c.task, c.seed, s)
-            cache[key] = {k: encode(tokenizer, v, s["max_seq_len"]) for k, v in raw.items()}
-        res = run_cell(c, s, base_state, tokenizer, factory, cache[key])
+            cache[(c.task, c.seed)] = {k: encode(tokenizer, v, s["max_seq_len"])
+                                       for k, v in splits(c.task, c.seed).items()}
+        res = train(c, base_state, tokenizer, factory, cache[(c.task, c.seed)])
         res["settings"] = settings_record(s)
         res["host"] = platform.node()
         atomic_write_text(c.path(out_dir), json.dumps(res, indent=1) + "\n")
         done += 1
+        print(f"[{done}/{len(cells)}] {describe(c, res)} ({res['seconds']['total']:.1f}s wall, "
+              f"{res['seconds']['cpu']:.1f}s CPU)", flush=True)
+
+
+def sweep(out_dir: Path, cells: List[Cell], s: dict, shard: tuple) -> None:
+    def describe(c: Cell, res: dict) -> str:
         acc = ("diverged" if res["diverged"] else
                f"val {res['validation']['acc']:.1f} test {res['test']['acc']:.1f}")
-        print(f"[{done}/{len(todo)}] {c.task} {c.method} seed{c.seed} lr{format_lr(c.lr)}: "
-              f"{acc} ({res['seconds']['total']:.1f}s wall, {res['seconds']['cpu']:.1f}s CPU)",
-              flush=True)
+        return f"{c.task} {c.method} seed{c.seed} lr{format_lr(c.lr)}: {acc}"
+
+    run_pending(out_dir, [c for i, c in enumerate(cells) if i % shard[1] == shard[0]], s,
+                splits=lambda task, seed: task_splits(task, seed, s),
+                train=lambda c, base, tok, factory, data: run_cell(c, s, base, tok, factory, data),
+                describe=describe)
 
 
 # ---- table --------------------------------------------------------------------------------------
@@ -463,17 +474,23 @@ def _csv(cast):
     return lambda text: [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def add_grid_arguments(p: argparse.ArgumentParser, methods, smoke_help: str,
+                       table_help: str) -> None:
+    """The options this sweep and bench/rank_epochs.py share: the grid, --smoke, --table."""
+    p.add_argument("--methods", type=_csv(str), default=list(methods))
+    p.add_argument("--seeds", type=_csv(int), default=list(DEFAULT_SEEDS))
+    p.add_argument("--lrs", type=_csv(float), default=list(DEFAULT_LRS))
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--table", action="store_true", help=table_help)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "minilm")
     p.add_argument("--tasks", type=_csv(str), default=list(TASKS))
-    p.add_argument("--methods", type=_csv(str), default=list(METHODS))
-    p.add_argument("--seeds", type=_csv(int), default=list(DEFAULT_SEEDS))
-    p.add_argument("--lrs", type=_csv(float), default=list(DEFAULT_LRS))
     p.add_argument("--shard", default="0/1", help="i/n: run only cells i, i+n, ... (n processes)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes, SST-2, LoRA vs LoRASC vs DoRA+LoRASC, one seed: seconds")
-    p.add_argument("--table", action="store_true", help="only print and write table.md")
+    add_grid_arguments(p, METHODS, "tiny sizes, SST-2, LoRA vs LoRASC vs DoRA+LoRASC, one seed: "
+                       "seconds", "only print and write table.md")
     a = p.parse_args(argv)
     s = dict(SMOKE if a.smoke else DEFAULTS)
     if a.smoke:

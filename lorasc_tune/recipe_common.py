@@ -126,9 +126,10 @@ class RunAlreadyFinished(Exception):
     """``resume_from_checkpoint`` on a run whose saved state is its last: nothing to do."""
 
 
-def load_resume_state(run: RunSettings, cfg: DictConfig,
-                      load: Callable[[Path], Dict[str, Any]]) -> Tuple[Dict[str, Any], RunSettings]:
-    """Read the state to resume from with ``load(output_dir)``; refuse a finished run.
+def load_resume_state(run: RunSettings, cfg: DictConfig, load: Callable[[Path], Dict[str, Any]]
+                      ) -> Tuple[Optional[Dict[str, Any]], RunSettings]:
+    """Read the state to resume from with ``load(output_dir)`` (None without
+    ``resume_from_checkpoint``); refuse a finished run.
 
     Under ``seed: null`` (torchtune's configs) the run continues with the seed it was saved
     with, rather than refusing the freshly drawn one.
@@ -138,6 +139,8 @@ def load_resume_state(run: RunSettings, cfg: DictConfig,
     """
     from torchtune import training
 
+    if not run.resume:
+        return None, run
     if run.restart_expert:
         if load is not load_training_state:
             raise ValueError("restart_expert is supported by the single-device recipes; resume "
@@ -201,15 +204,16 @@ def start_writing(cfg: DictConfig, run: RunSettings, cascade: Cascade,
     return metric_logger
 
 
-def load_base_checkpoint(checkpointer: Any, cfg: DictConfig) -> Dict[str, torch.Tensor]:
-    """The base model's state dict, through the checkpointer; a conversion that fails because
-    the weights and the checkpoint's ``config.json`` disagree is named as such."""
+def load_base_checkpoint(cfg: DictConfig) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """The checkpointer and the base model's state dict; a conversion that fails because the
+    weights and the checkpoint's ``config.json`` disagree is named as such."""
     import json
 
-    from torchtune import training
+    from torchtune import config, training
 
+    checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
     try:
-        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+        return checkpointer, checkpointer.load_checkpoint()[training.MODEL_KEY]
     except RuntimeError as err:
         if "is invalid for input of size" not in str(err):
             raise
@@ -267,12 +271,15 @@ def device_and_dtype(cfg: DictConfig) -> Tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def read_llm_inputs(cfg: DictConfig) -> Tuple[Any, Any, Any]:
+def read_llm_inputs(cfg: DictConfig, run: RunSettings, load_state: Callable[[Path], Any]
+                    ) -> Tuple[Any, Any, Any, Any, RunSettings]:
     """Check and load what an LLM run reads before it writes anything.
 
     Returns:
-        ``(tokenizer, loss_fn, dataset)``; every dataset row has been transformed once, so a
-        bad row fails here, naming it (unless ``validate_dataset: false``).
+        ``(tokenizer, loss_fn, dataset, resume_state, run)``: every dataset row has been
+        transformed once, so a bad row fails here, naming it (unless ``validate_dataset:
+        false``); ``resume_state`` and ``run`` are :func:`load_resume_state`'s, read with
+        ``load_state``.
     """
     from torchtune import config
 
@@ -287,7 +294,7 @@ def read_llm_inputs(cfg: DictConfig) -> Tuple[Any, Any, Any]:
     dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     if cfg.get("validate_dataset", True):
         check_dataset_rows(dataset, max_seq_len=getattr(tokenizer, "max_seq_len", None))
-    return tokenizer, loss_fn, dataset
+    return (tokenizer, loss_fn, dataset, *load_resume_state(run, cfg, load_state))
 
 
 def optimizer_steps(loader: Any, sampler: Any, cascade: Cascade, epoch: int,

@@ -48,6 +48,15 @@ def adapted(model):
     return [model.q, model.v, model.deep[0]]
 
 
+def reference_noise(W, slow, s, seed, t, i, lam):
+    """Algorithm 1's noise, written out: W + U(-λ/2, λ/2)·std(s·B_slow·A_slow), with the engine's
+    counter stream for expert t, layer i (stream 2)."""
+    A_s, B_s = slow
+    std = torch.std(s * B_s @ A_s).item()
+    u = counter_uniform(stream_key(seed, t, i, 2), 0, *W.shape).double()
+    return W + (u - 0.5) * lam * std
+
+
 @pytest.mark.parametrize("alpha,lam", [(0.5, 1.0), (0.3, 2.5), (0.0, 0.0)])
 def test_engine_matches_reference_algorithm(alpha, lam):
     seed, T = 7, 4
@@ -74,10 +83,7 @@ def test_engine_matches_reference_algorithm(alpha, lam):
                                m.lora_b.weight.detach().double().clone())
                 assert torch.equal(m.weight, before[i])  # no noise for the first expert
             else:
-                A_s, B_s = ref_slow[i]
-                std = torch.std(s * B_s @ A_s).item()
-                u = counter_uniform(stream_key(seed, t, i, 2), 0, *ref_W[i].shape).double()
-                ref_W[i] = ref_W[i] + (u - 0.5) * lam * std
+                ref_W[i] = reference_noise(ref_W[i], ref_slow[i], s, seed, t, i, lam)
             torch.testing.assert_close(m.weight.double(), ref_W[i], atol=1e-5, rtol=0)
             fake_training(m, t, i)
         fast = [(m.lora_a.weight.detach().double().clone(), m.lora_b.weight.detach().double().clone())
@@ -288,10 +294,7 @@ def test_auto_alpha_lambda_match_reference(alpha, lam):
             else:
                 lam_t = (1.0 if c_last[i] is None else 1.0 - c_last[i]) if lam == "auto" else lam
                 lams.append(lam_t)
-                A_s, B_s = ref_slow[i]
-                std = torch.std(s * B_s @ A_s).item()
-                u = counter_uniform(stream_key(seed, t, i, 2), 0, *ref_W[i].shape).double()
-                ref_W[i] = ref_W[i] + (u - 0.5) * lam_t * std
+                ref_W[i] = reference_noise(ref_W[i], ref_slow[i], s, seed, t, i, lam_t)
             torch.testing.assert_close(m.weight.double(), ref_W[i], atol=1e-5, rtol=0)
             fake_training(m, t, i)
             if t == 3 and i == 0:

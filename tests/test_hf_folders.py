@@ -35,3 +35,31 @@ def test_the_demos_epoch_folders_load_in_transformers_as_they_are(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(ids).logits, tt.eval()(ids), atol=1e-5, rtol=1e-5)
     assert hf.generation_config.eos_token_id == 2
+
+
+def test_stock_lm_eval_hf_scores_a_demo_epoch_folder_as_the_lorasc_model_does(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=<epoch folder>,add_bos_token=True` on the
+    folder as exported: the same loglikelihoods as our `lorasc` model (BOS first, as the
+    recipes trained)."""
+    pytest.importorskip("accelerate")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evals.lm_adapter import LoraScLM
+    from lorasc_tune.demo import demo_checkpointer
+
+    checkpointer = demo_checkpointer(str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    folder = common.save_with_checkpointer(checkpointer, checkpointer.load_checkpoint()["model"],
+                                           tmp_path / "out", 0)
+    pairs = [("Add the two numbers: 46 and 4.", " 50"), ("Reverse the words: orange river",
+                                                        " river orange"),
+             ("Name a colour.", " green"), ("Name a colour.", " yellow pencil")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                for i, p in enumerate(pairs)]
+    stock = HFLM(pretrained=str(folder), add_bos_token=True, device="cpu", batch_size=2)
+    ours = LoraScLM(checkpoint_dir=str(folder), tokenizer_path=str(folder / "tokenizer.model"),
+                    device="cpu", dtype="fp32", batch_size=2)
+    got = [score for score, _ in stock.loglikelihood(requests)]
+    want = [score for score, _ in ours.loglikelihood(requests)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(w, 3) for w in want)) == len(want)  # distinct scores: not vacuous

@@ -63,70 +63,58 @@ def folder_hashes(folder: Path):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _fail_at(monkeypatch, owner, name, recipe_step, message, leave_behind=None):
+    """Make ``owner.name`` fail, as a kill or a full disk would, when the run reaches
+    FAIL_AT_STEP (after ``leave_behind``, given the call's arguments, writes what such a
+    failure leaves on disk)."""
+    real = getattr(owner, name)
+
+    def failing(*args, **kwargs):
+        if recipe_step() == FAIL_AT_STEP:
+            if leave_behind is not None:
+                leave_behind(*args, **kwargs)
+            raise SimulatedFailure(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
 def _fail_in_state_write(monkeypatch, recipe_step):
     """kill -9 inside the state's write: a torn temporary file is left, nothing replaced."""
-    real = checkpoint.atomic_torch_save
-
     def torn(obj, path):
-        if recipe_step() == FAIL_AT_STEP:
-            Path(path).parent.joinpath(f".{Path(path).name}.x1y2.tmp").write_bytes(b"PK\x03")
-            raise SimulatedFailure("killed while writing the training state")
-        real(obj, path)
+        Path(path).parent.joinpath(f".{Path(path).name}.x1y2.tmp").write_bytes(b"PK\x03")
 
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", torn)
+    _fail_at(monkeypatch, checkpoint, "atomic_torch_save", recipe_step,
+             "killed while writing the training state", torn)
 
 
 def _fail_before_digest(monkeypatch, recipe_step):
     """The state is on disk, but the process died before its digest was written."""
-    real = checkpoint.atomic_write_text
-
-    def no_digest(path, text):
-        if recipe_step() == FAIL_AT_STEP:
-            raise SimulatedFailure("killed before the digest")
-        real(path, text)
-
-    monkeypatch.setattr(checkpoint, "atomic_write_text", no_digest)
+    _fail_at(monkeypatch, checkpoint, "atomic_write_text", recipe_step, "killed before the digest")
 
 
 def _fail_in_export(monkeypatch, recipe_step):
     """The disk fills while the checkpointer writes the staging folder."""
     from torchtune.training import FullModelHFCheckpointer
 
-    real = FullModelHFCheckpointer.save_checkpoint
-
     def half_written(self, state_dict, epoch, **kwargs):
-        if recipe_step() == FAIL_AT_STEP:
-            folder = Path(self._output_dir) / f"epoch_{epoch}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "model-00001-of-00001.safetensors").write_bytes(b"\0" * 100)
-            raise SimulatedFailure("No space left on device")
-        return real(self, state_dict, epoch, **kwargs)
+        folder = Path(self._output_dir) / f"epoch_{epoch}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model-00001-of-00001.safetensors").write_bytes(b"\0" * 100)
 
-    monkeypatch.setattr(FullModelHFCheckpointer, "save_checkpoint", half_written)
+    _fail_at(monkeypatch, FullModelHFCheckpointer, "save_checkpoint", recipe_step,
+             "No space left on device", half_written)
 
 
 def _fail_in_move(monkeypatch, recipe_step):
     """The staging folder is complete, but the process dies before it is moved into place."""
-    real = common.replace_dir
-
-    def interrupted(staged, final):
-        if recipe_step() == FAIL_AT_STEP:
-            raise SimulatedFailure("killed before the rename")
-        real(staged, final)
-
-    monkeypatch.setattr(common, "replace_dir", interrupted)
+    _fail_at(monkeypatch, common, "replace_dir", recipe_step, "killed before the rename")
 
 
 def _fail_in_cleanup(monkeypatch, recipe_step):
     """The new state and digest are written; the process dies while pruning old states."""
-    real = checkpoint.prune_states
-
-    def interrupted(output_dir, keep=checkpoint.KEEP_STATES):
-        if recipe_step() == FAIL_AT_STEP:
-            raise SimulatedFailure("killed while removing old states")
-        real(output_dir, keep)
-
-    monkeypatch.setattr(checkpoint, "prune_states", interrupted)
+    _fail_at(monkeypatch, checkpoint, "prune_states", recipe_step,
+             "killed while removing old states")
 
 
 @pytest.mark.parametrize("inject", [_fail_in_state_write, _fail_before_digest, _fail_in_export,

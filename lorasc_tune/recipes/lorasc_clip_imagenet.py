@@ -86,10 +86,8 @@ class LoRASCClipImageNetRecipe(FTRecipeInterface):
                         ev.get("imagenet_index", None), key_prefix="eval.sets.")
         ckpt_path = (cfg.get("checkpoint", None) or {}).get("path", None)
         pretrained = load_pretrained_tower(ckpt_path) if ckpt_path else None
-        resume_state = None
-        if run.resume:
-            resume_state, run = load_resume_state(run, cfg, load_training_state)
-            self._run = run
+        resume_state, run = load_resume_state(run, cfg, load_training_state)
+        self._run = run
 
         # 2. Model: tower (+ adapters) and head, pretrained weights, trainable set.
         self._model = self._setup_model(cfg, pretrained)

@@ -66,20 +66,16 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
     # ---- setup ------------------------------------------------------------------------------
 
     def setup(self, cfg: DictConfig) -> None:
-        run = self._run
         # 1. Inputs that can be wrong are read and checked first; nothing is written until
         # step 5, so a run (or resume) that is refused leaves output_dir as it was.
-        self._tokenizer, self._loss_fn, dataset = common.read_llm_inputs(cfg)
-        resume_state = None
-        if run.resume:
-            resume_state, run = common.load_resume_state(run, cfg, load_training_state)
-            self._run = run
+        self._tokenizer, self._loss_fn, dataset, resume_state, self._run = common.read_llm_inputs(
+            cfg, self._run, load_training_state)
+        run = self._run
 
         # A failure from here on removes the output folder if this run created it.
         with removed_on_error(run.output_dir):
             # 2. The base checkpoint and the model.
-            self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-            base_state = common.load_base_checkpoint(self._checkpointer, cfg)
+            self._checkpointer, base_state = common.load_base_checkpoint(cfg)
             with training.set_default_dtype(self._dtype), self._device:
                 self._model = config.instantiate(cfg.model)
             common.prepare_lora_model(self._model, cfg, run)

@@ -76,21 +76,17 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
     # ---- setup ------------------------------------------------------------------------------
 
     def setup(self, cfg: DictConfig) -> None:
-        run = self._run
         # 1. Checks before anything is written (every rank checks; all fail alike). Nothing is
         # written until step 5, so a refused run or resume leaves output_dir as it was.
-        self._tokenizer, self._loss_fn, dataset = common.read_llm_inputs(cfg)
-        state_dir = None
-        if run.resume:
-            state_dir, run = common.load_resume_state(run, cfg, latest_sharded_meta)
-            self._run = run
+        self._tokenizer, self._loss_fn, dataset, state_dir, self._run = common.read_llm_inputs(
+            cfg, self._run, latest_sharded_meta)
+        run = self._run
 
         # A failure from here on removes the output folder if this run created it.
         with removed_on_error(run.output_dir):
             # 2. Every rank reads the checkpoint (mmap'ed); the model is built on meta, sharded
             # per layer, then filled.
-            self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
-            base_state = common.load_base_checkpoint(self._checkpointer, cfg)
+            self._checkpointer, base_state = common.load_base_checkpoint(cfg)
             self._model = self._setup_model(cfg, base_state)
             if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
                 self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
