@@ -19,9 +19,15 @@ rate, a larger step) instead of shrinking the update.
 
 Methods: the ablation rows ``lora``, ``cola``, ``slow`` (++Slow) and ``noise`` (LoRASC at the
 fixed alpha 0.5, lambda 1) of ``recipes/make_ablation_configs.ROWS``, plus ``lorasc_auto``: the
-same row with ``slow_alpha: auto`` and ``noise_lambda: auto`` (lorasc_tune/cascade.py). The
-paper's searched-alpha/lambda LoRASC is not run here: 9 (alpha, lambda) pairs x 3 rates per
-cell would multiply the LoRASC cost by 9.
+same row with ``slow_alpha: auto`` and ``noise_lambda: auto`` (lorasc_tune/cascade.py).
+
+``--search`` adds the paper's searched LoRASC (§4.1: alpha in {0.5, 0.6, 0.8}, lambda in
+{0.1, 1, 10}) as a coordinate search, because the paper's joint search (9 pairs x 3 rates) would
+multiply the LoRASC cost by 9: the learning rate is the one validation chose for the fixed
+LoRASC (``noise``) in that (task, epochs, rank, seed), and the 8 other (alpha, lambda) pairs run
+at that rate. Validation then picks among the 9 pairs. The table counts that row's search:
+11 trained configurations per seed against 3 for every other row. Search cells exist only once
+their fixed-LoRASC group is finished, so run ``--search`` after (or beside) the main grid.
 
 Selection: per (task, epochs, rank, method, seed), the learning rate with the best validation
 accuracy (ties to the smaller rate, recipes/paper_selection.select_best); the table reports that
@@ -58,6 +64,8 @@ from lorasc_tune.config import LoRASCConfig  # noqa: E402
 from lorasc_tune.io import atomic_write_text  # noqa: E402
 from make_ablation_configs import ROWS  # noqa: E402
 from paper_cells import format_value as format_lr  # noqa: E402
+from paper_grids import (FIXED_NOISE_LAMBDA, FIXED_SLOW_ALPHA, NOISE_LAMBDAS,  # noqa: E402
+                         SLOW_ALPHAS)
 from paper_methods import TASK_LABELS  # noqa: E402
 from paper_selection import select_best  # noqa: E402
 from paper_tables import mean_std  # noqa: E402
@@ -71,6 +79,16 @@ METHODS: Dict[str, tuple] = {
     "lorasc_auto": ("LoRASC (α, λ auto)", dict(ROWS["noise"], slow_alpha="auto",
                                                noise_lambda="auto")),
 }
+# The searched LoRASC's cells: one pseudo-method per (alpha, lambda) pair of §4.1's grid (the
+# fixed pair is the ``noise`` method's own cell).
+SEARCH_PAIRS = [(a, lam) for a in SLOW_ALPHAS for lam in NOISE_LAMBDAS]
+FIXED_PAIR = (FIXED_SLOW_ALPHA, FIXED_NOISE_LAMBDA)
+SEARCH_METHODS: Dict[str, tuple] = {
+    f"search_a{a:g}_l{lam:g}": (f"LoRASC (α {a:g}, λ {lam:g})",
+                                dict(ROWS["noise"], slow_alpha=a, noise_lambda=lam))
+    for a, lam in SEARCH_PAIRS if (a, lam) != FIXED_PAIR}
+SEARCHED = "lorasc_searched"  # the table row: validation's pick over the 9 pairs
+SEARCHED_LABEL = "LoRASC (α, λ searched)"
 TASKS = ("sst2", "cb")
 RANKS = (8, 32, 128)
 EPOCHS = (5, 20)
@@ -109,13 +127,36 @@ def all_cells(tasks, epochs, ranks, methods, seeds, lrs) -> List[Cell]:
             for r in ranks for m in methods for lr in lrs]
 
 
+def search_cells(out_dir: Path, tasks, epochs, ranks, seeds, lrs) -> List[Cell]:
+    """The searched LoRASC's cells whose rate is known: for each (task, epochs, rank, seed)
+    whose fixed-LoRASC cells are all finished, the 8 other (α, λ) pairs at the rate validation
+    chose for the fixed pair (module doc)."""
+    out = []
+    for t in tasks:
+        for k in seeds:
+            for e in epochs:
+                for r in ranks:
+                    group = [Cell(t, e, r, "noise", k, lr) for lr in lrs]
+                    if not all(c.path(out_dir).is_file() for c in group):
+                        continue
+                    best = select_best(json.loads(c.path(out_dir).read_text()) for c in group)
+                    if best is not None:
+                        out += [Cell(t, e, r, m, k, best["lr"]) for m in SEARCH_METHODS]
+    return out
+
+
+def method_spec(name: str) -> tuple:
+    """(label, lorasc block) of a main-grid method or a search pair."""
+    return METHODS[name] if name in METHODS else SEARCH_METHODS[name]
+
+
 def task_sizes(s: dict, task: str) -> dict:
     return dict(s, num_train=s["num_train"][task])
 
 
 def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, list]) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    cfg = LoRASCConfig.from_config(METHODS[cell.method][1])
+    cfg = LoRASCConfig.from_config(method_spec(cell.method)[1])
     model = rm.build_classifier(cell.task, cell.seed, base_state, factory, cell.rank,
                                 ALPHA_PER_RANK * cell.rank, dora=False)
     cascade, diverged = rm.train_cascade(model, cfg, cell.seed, cell.lr,
@@ -124,8 +165,8 @@ def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, lis
     result = {
         "version": RESULT_VERSION, "task": cell.task, "epochs": cell.epochs, "rank": cell.rank,
         "lora_alpha": ALPHA_PER_RANK * cell.rank, "method": cell.method,
-        "label": METHODS[cell.method][0], "seed": cell.seed, "lr": cell.lr,
-        "lorasc": cfg.to_dict(), "metric": "acc", "diverged": diverged,
+        "label": method_spec(cell.method)[0], "seed": cell.seed, "lr": cell.lr,
+        "lorasc": cfg.to_dict(), "slow_alpha": cfg.slow_alpha, "noise_lambda": cfg.noise_lambda, "metric": "acc", "diverged": diverged,
         "sizes": {k: len(v) for k, v in data.items()}, "optimizer_steps": cascade.global_step,
         "experts": engine.expert, "train_loss_per_expert": cascade.expert_losses,
         "noise_width_mean_per_expert": {t: statistics.fmean(w)
@@ -165,6 +206,10 @@ def load_results(out_dir: Path, cells: List[Cell]) -> Dict[Cell, dict]:
     return {c: json.loads(c.path(out_dir).read_text()) for c in cells if c.path(out_dir).is_file()}
 
 
+def search_results(out_dir: Path, tasks, epochs, ranks, seeds, lrs) -> Dict[Cell, dict]:
+    return load_results(out_dir, search_cells(out_dir, tasks, epochs, ranks, seeds, lrs))
+
+
 def summarize(results: Dict[Cell, dict], tasks, epochs, ranks, methods, seeds, lrs) -> dict:
     """``{(task, epochs, rank, method): {"test", "train": mean_std, "lrs": chosen rates}}``.
 
@@ -191,6 +236,37 @@ def summarize(results: Dict[Cell, dict], tasks, epochs, ranks, methods, seeds, l
     return out
 
 
+def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> None:
+    """Add the searched LoRASC's rows: per seed, validation's pick among the 9 (α, λ) pairs at
+    the fixed LoRASC's chosen rate, once all 9 are finished (a seed counts only then)."""
+    for t in tasks:
+        for e in epochs:
+            for r in ranks:
+                fixed = summary.get((t, e, r, "noise"))
+                if fixed is None:
+                    continue
+                chosen = []
+                for b in fixed["chosen"]:
+                    paths = [Cell(t, e, r, m, b["seed"], b["lr"]).path(out_dir)
+                             for m in SEARCH_METHODS]
+                    if all(p.is_file() for p in paths):
+                        best = select_best([b] + [json.loads(p.read_text()) for p in paths])
+                        if best is not None:
+                            chosen.append(best)
+                if chosen:
+                    summary[(t, e, r, SEARCHED)] = {
+                        "test": mean_std([b["test"]["acc"] for b in chosen]),
+                        "train": mean_std([b["train"]["acc"] for b in chosen]),
+                        "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen],
+                        "pairs": [(b["lorasc"]["slow_alpha"], b["lorasc"]["noise_lambda"])
+                                  for b in chosen],
+                        "chosen": chosen}
+
+
+def label(method: str) -> str:
+    return SEARCHED_LABEL if method == SEARCHED else method_spec(method)[0]
+
+
 def paired_differences(summary: dict, key: tuple, base: str = "lora") -> List[float]:
     """Per-seed test-accuracy differences of ``key``'s method minus ``base`` (same splits)."""
     t, e, r, _ = key
@@ -214,9 +290,16 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
     cells = all_cells(tasks, epochs, ranks, methods, seeds, lrs)
     results = load_results(out_dir, cells)
     summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
-    cpu_h = sum(r["seconds"]["cpu"] for r in results.values()) / 3600
+    searched = search_results(out_dir, tasks, epochs, ranks, seeds, lrs)
+    add_searched(summary, out_dir, tasks, epochs, ranks, seeds)
+    if any(k[3] == SEARCHED for k in summary):
+        methods = list(methods) + [SEARCHED]
+    cpu_h = sum(r["seconds"]["cpu"] for r in [*results.values(), *searched.values()]) / 3600
     status = ("complete" if len(results) == len(cells) else
               f"PARTIAL: {len(results)} of {len(cells)} cells finished")
+    if searched:
+        total = len(SEARCH_METHODS) * len(tasks) * len(epochs) * len(ranks) * len(seeds)
+        status += f"; searched LoRASC: {len(searched)} of {total} search cells"
     s = json.loads((out_dir / "settings.json").read_text())["sizes"] \
         if (out_dir / "settings.json").is_file() else {}
     lines = [f"Status: {status}; {cpu_h:.2f} CPU-hours in the finished cells (one thread each).",
@@ -230,7 +313,12 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
              f"{{{', '.join(format_lr(x) for x in lrs)}}} (ties to the smaller rate). "
              f"Entries: test accuracy mean ± std over seeds {', '.join(map(str, seeds))}, then "
              f"[train accuracy mean] of the same selected runs. (k/{len(seeds)}): only k seeds "
-             f"have every rate finished. Bold: best test mean in the column.", ""]
+             f"have every rate finished. Bold: best test mean in the column.", "",
+             f"{SEARCHED_LABEL}: §4.1's α {{{', '.join(f'{a:g}' for a in SLOW_ALPHAS)}}} x λ "
+             f"{{{', '.join(f'{v:g}' for v in NOISE_LAMBDAS)}}} at the rate validation chose for "
+             f"LoRASC (α 0.5, λ 1), validation choosing the pair: {len(lrs) + len(SEARCH_METHODS)}"
+             f" trained configurations per seed, against {len(lrs)} for every other row (the "
+             f"paper's joint search would be {len(lrs) * len(SEARCH_PAIRS)}).", ""]
     for t in tasks:
         for e in epochs:
             lines += [f"### {TASK_LABELS[t]}, {e} epochs", "",
@@ -251,11 +339,11 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                     if math.isclose(st["test"]["mean"], best[r]):
                         text = f"**{text}**"
                     entries.append(f"{text} [{st['train']['mean']:.1f}]")
-                lines.append(f"| {METHODS[m][0]} | " + " | ".join(entries) + " |")
+                lines.append(f"| {label(m)} | " + " | ".join(entries) + " |")
             lines.append("")
     lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
               "split, then mean over the seeds both have):", "",
-              "| Task, epochs, rank | " + " | ".join(METHODS[m][0] for m in methods
+              "| Task, epochs, rank | " + " | ".join(label(m) for m in methods
                                                     if m != "lora") + " |",
               "|---|" + "---|" * (len(methods) - 1)]
     for t in tasks:
@@ -282,8 +370,10 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
     lines += ["Selected learning rates (per seed, in seed order):", ""]
     for key, st in summary.items():
         t, e, r, m = key
-        lines.append(f"- {TASK_LABELS[t]} e{e} r{r} {METHODS[m][0]}: "
-                     f"{', '.join(format_lr(x) for x in st['lrs'])}")
+        pairs = (" (α, λ: " + ", ".join(f"{a:g}/{v:g}" for a, v in st["pairs"]) + ")"
+                 if "pairs" in st else "")
+        lines.append(f"- {TASK_LABELS[t]} e{e} r{r} {label(m)}: "
+                     f"{', '.join(format_lr(x) for x in st['lrs'])}{pairs}")
     return "\n".join(lines) + "\n"
 
 
@@ -296,6 +386,9 @@ def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]
 
     results = load_results(out_dir, all_cells(tasks, epochs, ranks, methods, seeds, lrs))
     summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
+    add_searched(summary, out_dir, tasks, epochs, ranks, seeds)
+    if any(k[3] == SEARCHED for k in summary):
+        methods = list(methods) + [SEARCHED]
     paths = []
     for t in tasks:
         if not any(k[0] == t for k in summary):
@@ -311,7 +404,7 @@ def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]
                     if pts:
                         ax.errorbar([r for r, _ in pts], [st["mean"] for _, st in pts],
                                     yerr=[st["std"] for _, st in pts], marker="o", capsize=3,
-                                    label=METHODS[m][0])
+                                    label=label(m))
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(list(ranks), [str(r) for r in ranks])
                 ax.set_title(f"{TASK_LABELS[t]}, {e} epochs: {split} accuracy")
@@ -345,11 +438,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--ranks", type=rm._csv(int), default=list(RANKS))
     rm.add_grid_arguments(p, METHODS, "tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and "
                           "LoRASC auto", "only write table.md and the plots")
+    p.add_argument("--search", action="store_true",
+                   help="run the searched LoRASC's cells (α, λ of §4.1 at the fixed LoRASC's "
+                        "chosen rate) whose rate is known, instead of the main grid")
     a = p.parse_args(argv)
     s = dict(SMOKE if a.smoke else DEFAULTS)
-    if a.smoke:
-        a.tasks, a.epochs, a.ranks, a.methods, a.seeds, a.lrs = (
-            ["sst2"], [2], [2, 4], ["lora", "lorasc_auto"], [0], [2e-3])
+    if a.smoke:  # the smoke grid, except where an option narrows it further
+        a.tasks, a.epochs, a.seeds, a.lrs = ["sst2"], [2], [0], [2e-3]
+        if a.ranks == list(RANKS):
+            a.ranks = [2, 4]
+        if a.methods == list(METHODS):
+            a.methods = ["lora", "lorasc_auto"]
     for name, given, known in (("task", a.tasks, TASKS), ("method", a.methods, METHODS)):
         bad = [x for x in given if x not in known]
         if bad:
@@ -359,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rm.check_settings(a.out_dir, s, {"tasks": a.tasks, "epochs": a.epochs,
                                          "ranks": a.ranks, "methods": a.methods,
                                          "seeds": a.seeds, "lrs": a.lrs})
-        sweep(a.out_dir, all_cells(*grid), s)
+        sweep(a.out_dir, search_cells(a.out_dir, a.tasks, a.epochs, a.ranks, a.seeds, a.lrs)
+              if a.search else all_cells(*grid), s)
     tasks = [t for t in TASKS if t in a.tasks]
     methods = [m for m in METHODS if m in a.methods]
     ordered = (tasks, sorted(a.epochs), sorted(a.ranks), methods, a.seeds, a.lrs)

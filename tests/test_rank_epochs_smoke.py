@@ -39,3 +39,28 @@ def test_rank_epochs_smoke(tmp_path):
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 already finished" in again.stdout and "[1/4]" not in again.stdout
+
+
+def test_rank_epochs_search_smoke(tmp_path):
+    """--search trains the 8 other (α, λ) pairs of §4.1 at the rate validation chose for the
+    fixed LoRASC, and the table picks among all 9 on validation."""
+    require_minilm()
+    require_shared("glue_sst2", "train.tsv")
+    out = tmp_path / "rank_epochs"
+    base = [sys.executable, "bench/rank_epochs.py", "--out-dir", str(out), "--smoke",
+            "--ranks", "2", "--methods", "noise"]
+    for extra in ([], ["--search"]):
+        proc = subprocess.run(base + extra, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {c.parent.name: json.loads(c.read_text())
+             for c in (out / "cells" / "sst2" / "e2_r2").glob("*/seed0_lr*.json")}
+    pairs = {(r["lorasc"]["slow_alpha"], r["lorasc"]["noise_lambda"]) for r in cells.values()}
+    assert pairs == {(a, lam) for a in (0.5, 0.6, 0.8) for lam in (0.1, 1.0, 10.0)}
+    assert {r["lr"] for r in cells.values()} == {cells["noise"]["lr"]}
+    best = max(cells.values(), key=lambda r: (r["validation"]["acc"], -r["slow_alpha"],
+                                              -r["noise_lambda"]))
+    row = next(line for line in (out / "table.md").read_text().splitlines()
+               if line.startswith("| LoRASC (α, λ searched) |"))
+    assert f"{best['test']['acc']:.1f} ± 0.0" in row
+    assert "9 trained configurations per seed" in (out / "table.md").read_text()
