@@ -170,7 +170,7 @@ def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, lis
         "sizes": {k: len(v) for k, v in data.items()}, "optimizer_steps": cascade.global_step,
         "experts": engine.expert, "train_loss_per_expert": cascade.expert_losses,
         "noise_width_mean_per_expert": {t: statistics.fmean(w)
-                                        for t, w in engine.noise_std.items()},
+                                        for t, w in engine.noise_widths.items()},
     }
     if cfg.slow_alpha == "auto" or cfg.noise_lambda == "auto":
         # What the rule chose, per expert, averaged over the 12 adapted matrices.

@@ -325,7 +325,7 @@ def run_cell(cell: Cell, s: dict, base_state: dict, tokenizer, encoder_factory,
         "lorasc": cfg.to_dict(), "use_dora": dora, "metric": "acc", "diverged": diverged,
         "sizes": {k: len(v) for k, v in data.items()}, "optimizer_steps": step,
         "experts": engine.expert, "train_loss_per_expert": losses,
-        "noise_std_mean_per_expert": {t: statistics.fmean(w) for t, w in engine.noise_std.items()},
+        "noise_std_mean_per_expert": {t: statistics.fmean(w) for t, w in engine.noise_widths.items()},
     }
     if not diverged:
         result["validation"] = {"acc": accuracy(model, data["validation"], s["eval_batch_size"])}

@@ -123,7 +123,9 @@ class CascadeEngine:
         # Slow factors in float32, shaped (and sharded) like the local fast factors.
         self.slow_A: List[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.slow_B: List[Optional[torch.Tensor]] = [None] * len(self.layers)
-        self.noise_std: Dict[int, List[float]] = {}
+        # {expert t: [λ·std(s·B_slow·A_slow) per matrix]}: the width of the uniform noise each
+        # matrix got before expert t (0 for t = 1).
+        self.noise_widths: Dict[int, List[float]] = {}
         # Automatic α / λ (module doc): the previous fast expert's factors (local rows, float32),
         # the latest agreement c per matrix (None: no pair of experts yet), and what was used.
         self.prev_fast_A: List[Optional[torch.Tensor]] = [None] * len(self.layers)
@@ -231,7 +233,7 @@ class CascadeEngine:
                                       row_start=row0, rounding=mode, round_key=rkey))
             widths.append(lam * std)
         self.expert, self.expert_open = t, True
-        self.noise_std[t] = widths
+        self.noise_widths[t] = widths
         if self.cfg.auto_lambda and t > 1:
             self.auto_lambda[t] = lambdas
         return {layer.name: w for layer, w in zip(self.layers, widths)}
@@ -368,7 +370,7 @@ class CascadeEngine:
             "expert_open": self.expert_open,
             "layers": [layer.name for layer in self.layers],
             "slow": slow,
-            "noise_std": dict(self.noise_std),
+            "noise_width": dict(self.noise_widths),
         }
         if auto:  # only then: a fixed-α/λ state stays exactly as before
             state["auto"] = {"agreement": list(self.agreement), "alpha": dict(self.auto_alpha),
@@ -400,7 +402,9 @@ class CascadeEngine:
         slow = state["slow"]
         self.slow_A = [_local_copy(slow.get(f"{n}.slow_A")) for n in names]
         self.slow_B = [_local_copy(slow.get(f"{n}.slow_B")) for n in names]
-        self.noise_std = dict(state["noise_std"])
+        # States saved before the rename call it noise_std (the same λ·std widths).
+        self.noise_widths = dict(state["noise_width"] if "noise_width" in state
+                                 else state["noise_std"])
         if self.cfg.cascade and (self.cfg.auto_alpha or self.cfg.auto_lambda):
             if self.expert >= 1 and "auto" not in state:
                 raise ValueError("cascade state has no automatic-α/λ record (lorasc.slow_alpha or "

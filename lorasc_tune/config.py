@@ -25,6 +25,11 @@ re-check it.
                               # nearest     = round-to-nearest (sub-half-ulp deltas vanish)
                               # fp32 bases are exact in every mode; NF4 (QLoRA) bases always
                               # keep a full-precision master on CPU (see docs/merge_precision.md)
+      adapter_export_rank: null  # PEFT adapters in epoch_N/adapter/ (lorasc_tune/peft_export.py):
+                              # null = exact (W_T - W_0 has rank <= experts x r), written only
+                              #        when noise is off or the cascade is off
+                              # k    = rank-k truncated SVD of W_T - W_0 (approximate with noise
+                              #        on); each matrix's relative error is reported
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class LoRASCConfig:
     lr_ratio_B: float = 1.0
     schedule: str = "expert"
     merge_precision: str = DEFAULT_MERGE_PRECISION
+    adapter_export_rank: Optional[int] = None
 
     @property
     def auto_alpha(self) -> bool:
@@ -153,6 +159,12 @@ class LoRASCConfig:
                          rng="[0, inf)", or_auto=True)
         _check_float("lr_ratio_B", self.lr_ratio_B, lo=0.0, hi=math.inf, lo_open=True,
                      rng="(0, inf)")
+        k = self.adapter_export_rank
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise LoRASCConfigError(
+                f"lorasc.adapter_export_rank must be null (exact PEFT adapters, noise off only) "
+                f"or an integer >= 1 (the rank of an approximate, truncated-SVD adapter); "
+                f"got {k!r}")
 
 
 def _check_float(key: str, value: Any, lo: float, hi: float, rng: str,
@@ -197,11 +209,11 @@ _COMMON_KEYS = frozenset({
     "cudnn_deterministic_mode", "restart_expert", "lorasc"})
 LLM_KEYS = _COMMON_KEYS | {"tokenizer", "checkpointer", "dataset", "compile", "profiler",
                            "validate_dataset", "collate_fn", "fsdp_cpu_offload",
-                           "fsdp_reshard_after_forward", "custom_sharded_layers"}
+                           "fsdp_reshard_after_forward", "custom_sharded_layers",
+                           "save_adapter_weights_only"}
 VISION_KEYS = _COMMON_KEYS | {"data", "checkpoint", "head", "eval"}
 # torchtune's stock LoRA configs carry these; the LoRASC recipes knowingly do without them.
 IGNORED_STOCK_KEYS = {
-    "save_adapter_weights_only": "the recipes export merged models, not adapters",
     "optimizer_in_bwd": "each expert needs a fresh optimizer, which a fused backward step "
                         "cannot give",
     "run_val_every_n_steps": "no validation runs during training",
@@ -279,9 +291,31 @@ def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS,
     positive_int("keep_last_n_states", optional=True)
     positive_int("log_every_n_steps", optional=True)  # null: every step
     clip_grad_norm_value(cfg.get("clip_grad_norm", None))
+    if "save_adapter_weights_only" in known_keys:
+        check_adapters_only(cfg)
     for key in sections:
         if cfg.get(key, None) is None:
             raise LoRASCConfigError(f"the config has no `{key}` section, which this recipe needs")
+
+
+def check_adapters_only(cfg: Any) -> None:
+    """``save_adapter_weights_only: true`` (PEFT adapters, no merged model) is refused here,
+    before anything is written, where the config alone shows that no adapter can be written
+    (noise on without ``lorasc.adapter_export_rank``, DoRA). What only the built checkpointer
+    shows (its class, ``model_type``) is checked when it is built, still before any write."""
+    only = cfg.get("save_adapter_weights_only", False)
+    if not isinstance(only, bool):
+        raise LoRASCConfigError(f"save_adapter_weights_only must be true or false; got {only!r}")
+    if not only:
+        return
+    from lorasc_tune.peft_export import peft_adapter_problem
+
+    model = cfg.get("model", None) or {}
+    problem = peft_adapter_problem(LoRASCConfig.from_config(cfg.get("lorasc", None)),
+                                   dora=bool(model.get("use_dora", False)))
+    if problem is not None:
+        raise LoRASCConfigError(f"save_adapter_weights_only is true, but {problem}; nothing was "
+                                f"written")
 
 
 def check_checkpoint_files(cfg_checkpointer: Any) -> None:

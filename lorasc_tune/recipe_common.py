@@ -8,6 +8,7 @@ of a recipe needs only ``lorasc_tune`` installed.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
+from lorasc_tune.adapters import merged_state_dict
 from lorasc_tune.cascade import NonFiniteExpertError
 from lorasc_tune.checkpoint import KEEP_STATES, discard_states_after, load_training_state
 from lorasc_tune.config import (check_checkpoint_files, check_dataset_rows, check_json_data_files,
@@ -25,6 +27,10 @@ from lorasc_tune.config import (check_checkpoint_files, check_dataset_rows, chec
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
 from lorasc_tune.io import lock_output_dir, replace_dir, write_failure_explained
+from lorasc_tune.peft_export import (ADAPTER_DIRNAME, PeftAdapter, build_peft_adapter, describe,
+                                     peft_adapter_problem)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class RunSettings:
         save_every_n_steps: also save the training state every N optimizer steps (or never).
         save_final_model_only: export only the last epoch's model (a 7B model is 13.5 GB per
             epoch; sweeps rarely want the others).
+        adapters_only: ``save_adapter_weights_only``: epoch folders get the PEFT adapter
+            (``epoch_N/adapter/``) and no merged model.
         keep_last_n_states: sharded training states kept (the FSDP2 recipe); at least two by
             default, so a damaged newest state has an intact one before it.
         activation_checkpointing / activation_offloading: torchtune's memory savers.
@@ -59,6 +67,7 @@ class RunSettings:
     activation_offloading: bool
     seed: int
     restart_expert: bool = False
+    adapters_only: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig, device: torch.device) -> "RunSettings":
@@ -79,7 +88,8 @@ class RunSettings:
             activation_checkpointing=act_ckpt, activation_offloading=act_offload,
             seed=training.set_seed(seed=cfg.seed,
                                    debug_mode=cfg.get("cudnn_deterministic_mode", None)),
-            restart_expert=bool(cfg.get("restart_expert", False)))
+            restart_expert=bool(cfg.get("restart_expert", False)),
+            adapters_only=bool(cfg.get("save_adapter_weights_only", False)))
 
     def end_epoch(self, cascade: Cascade, export: Callable[[], None],
                   save_state: Callable[[], None]) -> None:
@@ -211,6 +221,9 @@ def load_base_checkpoint(cfg: DictConfig) -> Tuple[Any, Dict[str, torch.Tensor]]
 
     from torchtune import config, training
 
+    from lorasc_tune.families import prepare_checkpoint_conversion
+
+    prepare_checkpoint_conversion(cfg)  # Gemma2: torchtune's conversion corrected (families.py)
     checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
     try:
         return checkpointer, checkpointer.load_checkpoint()[training.MODEL_KEY]
@@ -367,14 +380,19 @@ def backward_token_sums(micro_batches: List[Dict[str, torch.Tensor]], device: to
     return loss_sum, num_tokens
 
 
-def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor],
-                           output_dir: Path, epoch: int) -> Path:
+def save_with_checkpointer(checkpointer: Any, state_dict: Optional[Dict[str, torch.Tensor]],
+                           output_dir: Path, epoch: int,
+                           adapter: Optional[PeftAdapter] = None) -> Path:
     """Write ``output_dir/epoch_{epoch}/`` through a torchtune checkpointer, atomically.
 
     torchtune 0.6.1's checkpointers write straight into ``<their output dir>/epoch_N`` and
     offer no public way to write elsewhere, so this is the one place that points their private
     ``_output_dir`` at a staging folder for the save. The epoch folder then appears (or is
     replaced) only once it is complete.
+
+    Args:
+        state_dict: the merged model, or None to write no model (``save_adapter_weights_only``).
+        adapter: a PEFT adapter to write into ``epoch_{epoch}/adapter/``, or None.
     """
     from torchtune import training
 
@@ -389,14 +407,56 @@ def save_with_checkpointer(checkpointer: Any, state_dict: Dict[str, torch.Tensor
         with write_failure_explained(f"exporting epoch_{epoch} to {staging}",
                                      "the epoch folders and training state saved before are "
                                      "intact"):
-            checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch,
-                                         intermediate_checkpoint=False)
+            if state_dict is not None:
+                checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch,
+                                             intermediate_checkpoint=False)
+            (staging / f"epoch_{epoch}").mkdir(parents=True, exist_ok=True)
+            if adapter is not None:
+                adapter.save(staging / f"epoch_{epoch}" / ADAPTER_DIRNAME)
     finally:
         checkpointer._output_dir = real_output_dir
     final_dir = Path(output_dir) / f"epoch_{epoch}"
     replace_dir(staging / f"epoch_{epoch}", final_dir)
     staging.rmdir()  # empty now; a leftover .staging/ then always means a failed save
     return final_dir
+
+
+def check_adapter_export(cascade: Cascade, checkpointer: Any, run: RunSettings,
+                         rank_zero: bool = True) -> Optional[str]:
+    """Why this run writes no PEFT adapter (warned once, here), or None.
+
+    Call once the checkpointer and the cascade are built and before anything is written: with
+    ``save_adapter_weights_only`` a reason is an error, so a refused run writes nothing.
+    """
+    problem = peft_adapter_problem(cascade.cfg, checkpointer=checkpointer,
+                                   dora=any(layer.dora for layer in cascade.engine.layers))
+    if problem is not None and run.adapters_only:
+        raise ValueError(f"save_adapter_weights_only is true, but {problem}; nothing was written")
+    if problem is not None and rank_zero:
+        log.warning(f"LoRASC: no PEFT adapter will be written: {problem}")
+    return problem
+
+
+def export_epoch(checkpointer: Any, model: torch.nn.Module, cascade: Cascade, run: RunSettings,
+                 epoch: int, *, with_adapter: bool,
+                 masters: Optional[Dict[str, torch.Tensor]] = None,
+                 state: Optional[Dict[str, torch.Tensor]] = None,
+                 device: Optional[torch.device] = None) -> Path:
+    """Write ``epoch_{epoch}/``: the merged model (unless ``save_adapter_weights_only``) and,
+    ``with_adapter``, the PEFT adapter of what it adds to the base (``adapter/``).
+
+    Under FSDP2 rank 0 calls it with the gathered ``state`` and the full ``masters``. The
+    adapter is computed before anything is staged, and the merge into new tensors, never
+    into the live weights.
+    """
+    adapter = None
+    if with_adapter:
+        adapter = build_peft_adapter(model, checkpointer, experts=cascade.engine.expert,
+                                     rank=cascade.cfg.adapter_export_rank, base_weights=masters,
+                                     state=state, device=device, seed=run.seed)
+        log.info(f"LoRASC: epoch {epoch}: {describe(adapter)}")
+    merged = None if run.adapters_only else merged_state_dict(model, masters, state=state)
+    return save_with_checkpointer(checkpointer, merged, run.output_dir, epoch, adapter=adapter)
 
 
 def setup_profiler(cfg_profiler: Optional[DictConfig]):
@@ -435,7 +495,10 @@ def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable
         sys.exit(DIVERGED_EXIT_CODE)
     recipe.cleanup()
     if announce and getattr(recipe, "is_rank_zero", True):
-        print(f"LoRASC: merged model written to {recipe.last_output_path}")
+        what, path = "merged model", recipe.last_output_path
+        if getattr(getattr(recipe, "_run", None), "adapters_only", False):
+            what, path = "PEFT adapter", Path(path) / ADAPTER_DIRNAME
+        print(f"LoRASC: {what} written to {path}")
     return recipe
 
 
@@ -444,9 +507,11 @@ __all__ = [
     "RunSettings",
     "backward_token_sums",
     "cascade_from_config",
+    "check_adapter_export",
     "check_checkpoint_fits",
     "prepare_lora_model",
     "device_and_dtype",
+    "export_epoch",
     "lm_loss",
     "optimizer_steps",
     "load_base_checkpoint",

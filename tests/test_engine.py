@@ -102,7 +102,7 @@ def test_engine_matches_reference_algorithm(alpha, lam):
     assert engine.expert == T
     if lam > 0:
         # The run actually exercised noise (a vacuous pass would leave W == W0 + merges only).
-        assert all(w > 0 for w in engine.noise_std[2])
+        assert all(w > 0 for w in engine.noise_widths[2])
 
 
 def test_noise_range_and_scale():
@@ -222,6 +222,25 @@ def test_engine_state_round_trip_and_mismatch_errors():
         CascadeEngine(Toy(), LoRASCConfig(), seed=6).load_state_dict(state)
 
 
+def test_engine_state_from_before_the_noise_width_rename_loads():
+    """States saved before the rename keep the per-expert noise widths under ``noise_std``."""
+    model = Toy()
+    engine = CascadeEngine(model, LoRASCConfig(noise_lambda=2.0), seed=5)
+    engine.begin_expert()
+    with torch.no_grad():
+        for m in adapted(model):  # a trained expert, so the slow delta (and the noise) is not 0
+            m.lora_b.weight.normal_()
+    engine.end_expert()
+    engine.begin_expert()
+    widths = engine.noise_widths
+    assert widths[1] == [0.0] * 3 and all(w > 0 for w in widths[2])
+    old = dict(engine.state_dict())
+    old["noise_std"] = old.pop("noise_width")
+    resumed = CascadeEngine(Toy(), LoRASCConfig(noise_lambda=2.0), seed=5)
+    resumed.load_state_dict(old)
+    assert resumed.noise_widths == widths
+
+
 def test_noise_stream_is_independent_of_row_blocking():
     key = stream_key(1, 2, 3, 2)
     full = counter_uniform(key, 0, 10, 7)
@@ -339,7 +358,7 @@ def test_auto_alpha_lambda_match_reference(alpha, lam):
             assert engine.auto_lambda[t] == pytest.approx(used_lambda[t], abs=1e-9)
         assert engine.auto_lambda[2] == [1.0] * 3
         assert engine.auto_lambda[4][0] == pytest.approx(0.0, abs=1e-6)
-        assert engine.noise_std[4][0] == pytest.approx(0.0, abs=1e-9)
+        assert engine.noise_widths[4][0] == pytest.approx(0.0, abs=1e-9)
     else:
         assert engine.auto_lambda == {}
 

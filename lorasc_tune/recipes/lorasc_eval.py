@@ -67,6 +67,9 @@ def validate_config(cfg: DictConfig) -> Tuple[List[str], Dict[str, Any]]:
 
 def _model_from_components(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """torchtune style: instantiate ``cfg.model`` and load ``cfg.checkpointer``'s weights into it."""
+    from lorasc_tune.families import prepare_checkpoint_conversion
+
+    prepare_checkpoint_conversion(cfg)  # Gemma2: torchtune's conversion corrected (families.py)
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg.model)
     checkpointer = config.instantiate(cfg.checkpointer)

@@ -16,10 +16,13 @@ What it keeps from the stock recipe: HF/Meta/torchtune checkpointers, gradient a
 gradient clipping, activation checkpointing and offloading, ``compile``, metric loggers,
 the profiler, ``max_steps_per_epoch``. What it does differently, on purpose:
 
-* Outputs: ``${output_dir}/epoch_{N}/`` holds the merged model (no adapter), written through
-  the checkpointer into a staging folder and moved into place, so a crash never leaves a
+* Outputs: ``${output_dir}/epoch_{N}/`` holds the merged model, written through the
+  checkpointer into a staging folder and moved into place, so a crash never leaves a
   half-written epoch folder. The merge is computed into new tensors, never into the live
-  weights. It is the model after epoch N's merges, without the next expert's noise.
+  weights. It is the model after epoch N's merges, without the next expert's noise. Where
+  ``W_T - W_0`` is exactly low-rank (noise off, or cascade off), or with
+  ``lorasc.adapter_export_rank: k``, ``epoch_{N}/adapter/`` also holds it as a PEFT LoRA
+  adapter (``lorasc_tune/peft_export.py``); ``save_adapter_weights_only: true`` writes only that.
 * Resume: ``${output_dir}/lorasc_state/training_state_<step>.pt`` holds the current base of every
   adapted matrix plus the adapter, cascade, optimizer and scheduler state. ``resume_from_
   checkpoint: true`` continues exactly where it stopped, mid-epoch or mid-expert included
@@ -43,7 +46,6 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 
-from lorasc_tune.adapters import merged_state_dict
 from lorasc_tune.checkpoint import load_training_state, restore_training_state, save_training_state
 from lorasc_tune.config import validate_recipe_config
 from lorasc_tune.io import removed_on_error
@@ -70,10 +72,10 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         # step 5, so a run (or resume) that is refused leaves output_dir as it was.
         self._tokenizer, self._loss_fn, dataset, resume_state, self._run = common.read_llm_inputs(
             cfg, self._run, load_training_state)
-        run = self._run
 
         # A failure from here on removes the output folder if this run created it.
-        with removed_on_error(run.output_dir):
+        with removed_on_error(self._run.output_dir):
+            run = self._run
             # 2. The base checkpoint and the model.
             self._checkpointer, base_state = common.load_base_checkpoint(cfg)
             with training.set_default_dtype(self._dtype), self._device:
@@ -101,6 +103,10 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
                 global_batch_size=cfg.batch_size * run.grad_accum,
                 throughput_name="tokens_per_second_per_gpu")
             del base_state
+            # PEFT adapters: refused here (before any write) if save_adapter_weights_only asks
+            # for one that cannot be written; otherwise why none is written is said once.
+            self._adapter_problem = common.check_adapter_export(self._cascade,
+                                                                self._checkpointer, run)
 
             # 4. The saved state of an interrupted run, checked against this one; a fresh run
             # begins its first expert at its first step.
@@ -141,17 +147,20 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
         save_training_state(self._run.output_dir, self._model, self._cascade, seed=self._run.seed)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Write ``epoch_{epoch}/`` (the merged model), then the training state."""
+        """Write ``epoch_{epoch}/`` (the merged model and/or the PEFT adapter), then the
+        training state."""
         self._run.end_epoch(self._cascade, lambda: self._export(epoch), self._save_state)
 
     def _export(self, epoch: int) -> None:
         t0 = time.perf_counter()
         # Fold from the engine's masters where it keeps them (QLoRA: the full-precision
         # source of truth, not the NF4 weight); the export is never quantized.
-        merged = merged_state_dict(self._model, self._cascade.engine.master_weights())
-        self.last_output_path = common.save_with_checkpointer(self._checkpointer, merged,
-                                                              self._run.output_dir, epoch)
-        log.info(f"Merged model for epoch {epoch} saved to {self.last_output_path} "
+        self.last_output_path = common.export_epoch(
+            self._checkpointer, self._model, self._cascade, self._run, epoch,
+            with_adapter=self._adapter_problem is None,
+            masters=self._cascade.engine.master_weights(), device=self._device)
+        what = "PEFT adapter" if self._run.adapters_only else "Merged model"
+        log.info(f"{what} for epoch {epoch} saved to {self.last_output_path} "
                  f"in {time.perf_counter() - t0:.1f}s")
 
     def cleanup(self) -> None:

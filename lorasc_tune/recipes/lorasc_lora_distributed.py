@@ -20,7 +20,8 @@ sharded; the loss and token counts are all-reduced before the step; the training
 sharded (``torch.distributed.checkpoint``) under ``${output_dir}/lorasc_state/step_<N>/``, and
 ``resume_from_checkpoint: true`` continues from the newest one, also with a different number
 of processes as long as the global batch (``batch_size × processes × accumulation``) is the
-same; the export gathers the model (and the engine's fp32 masters) to rank 0.
+same; the export gathers the model (and the engine's fp32 masters) to rank 0, which also
+factors the PEFT adapter where one is written.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.recipe_interfaces import FTRecipeInterface
 
-from lorasc_tune.adapters import merged_state_dict
 from lorasc_tune.checkpoint import (
     latest_sharded_meta,
     load_sharded_training_state,
@@ -107,6 +107,10 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                 global_batch_size=cfg.batch_size * self.world_size * run.grad_accum,
                 throughput_name="tokens_per_second_per_gpu", world_size=self.world_size)
             del base_state
+            # PEFT adapters: refused here (before any write) if save_adapter_weights_only asks
+            # for one that cannot be written (every rank alike); otherwise said once.
+            self._adapter_problem = common.check_adapter_export(
+                self._cascade, self._checkpointer, run, rank_zero=self.is_rank_zero)
 
             # 4. The saved state of an interrupted run, checked against this one.
             if state_dir is not None:
@@ -191,11 +195,13 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
         masters = self._cascade.engine.full_master_weights()
         final_dir = self._run.output_dir / f"epoch_{epoch}"
         if self.is_rank_zero:
-            merged = merged_state_dict(self._model, masters, state=full)
-            common.save_with_checkpointer(self._checkpointer, merged, self._run.output_dir, epoch)
+            common.export_epoch(self._checkpointer, self._model, self._cascade, self._run, epoch,
+                                with_adapter=self._adapter_problem is None, masters=masters,
+                                state=full, device=self._device)
         del full, masters
         dist.barrier()
-        utils.log_rank_zero(log, f"Merged model for epoch {epoch} saved to {final_dir} in "
+        what = "PEFT adapter" if self._run.adapters_only else "Merged model"
+        utils.log_rank_zero(log, f"{what} for epoch {epoch} saved to {final_dir} in "
                                  f"{time.perf_counter() - t0:.1f}s")
         self.last_output_path = final_dir
 
