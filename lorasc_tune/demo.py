@@ -7,7 +7,7 @@ components. Each one creates its files under a cache folder on first use and reu
 afterwards:
 
 * :func:`demo_task_dataset`: the demo's task, "Say the word before the last: <3 to 6 words>."
-  (answer: the second-to-last word), 512 rows from a fixed seed, through torchtune's stock
+  (answer: the second-to-last word), 1024 rows from a fixed seed, through torchtune's stock
   ``instruct_dataset``; :func:`demo_heldout_rows` are 50 more, none of whose word lists is in
   the training rows.
 * :func:`demo_tokenizer`: a SentencePiece BPE model trained on a small instruction set
@@ -19,7 +19,8 @@ afterwards:
   ``pretrain_steps: N`` (the demo config) the random model is first trained in full for N steps
   to answer "Say the last word: ..." (:func:`write_demo_base_checkpoint`): a base that knows
   the prompt format and how to answer with a word of the list, but not the demo's task, so
-  it scores 0 on it. LoRA then has something to adapt; a random base only learns to stop.
+  it scores 0 on it. LoRA then has something to adapt: rank-8 q/v LoRA on the random model
+  learns next to nothing in the demo's few hundred steps.
 
 :func:`score_heldout` is the held-out exact match (greedy decoding) the demo prints before
 and after training; :func:`main` is ``python -m lorasc_tune.demo``.
@@ -296,7 +297,8 @@ _ANSWERS = {DEMO_TASK: lambda words: words[-2], BASE_TASK: lambda words: words[-
 _HELDOUT_POOL, _HELDOUT_SEED, _TRAIN_SEED, _BASE_SEED = 200, 1, 0, 2
 # Pre-training of the base (full fine-tune of the random model on BASE_TASK): a short run,
 # chosen so that the base answers BASE_TASK (100% on held-out lists) while its attention is
-# still soft enough for LoRA to move; a base trained to saturation (400+ steps) barely moves.
+# still soft enough for LoRA to move: in trials (plain LoRA, 300 steps) a base trained for 400
+# steps stayed near 0 on DEMO_TASK where one trained for 120 reached 100%.
 _BASE_ROWS, _BASE_BATCH, _BASE_LR, _BASE_WARMUP = 2000, 16, 3e-3, 20
 
 
@@ -338,7 +340,7 @@ def demo_heldout_rows(cache_dir: Optional[str] = None, n: int = 50) -> List[Dict
     return pool[:n]
 
 
-def write_demo_task_data(cache_dir: Optional[str] = None, num_examples: int = 512) -> Path:
+def write_demo_task_data(cache_dir: Optional[str] = None, num_examples: int = 1024) -> Path:
     """The demo task's training rows as JSON (``input``/``output``); returns the path."""
     path = _cache_dir(cache_dir) / f"demo_task_train_{num_examples}.json"
     if not path.exists():
@@ -348,7 +350,7 @@ def write_demo_task_data(cache_dir: Optional[str] = None, num_examples: int = 51
     return path
 
 
-def demo_task_dataset(tokenizer, cache_dir: Optional[str] = None, num_examples: int = 512,
+def demo_task_dataset(tokenizer, cache_dir: Optional[str] = None, num_examples: int = 1024,
                       packed: bool = False):
     """The demo task through torchtune's stock ``instruct_dataset`` (local JSON): the prompt is
     the user turn, the loss is on the answer and EOS only."""
@@ -378,15 +380,15 @@ def write_demo_base_checkpoint(cache_dir: Optional[str] = None, pretrain_steps: 
                                seed: int = 0) -> Path:
     """The demo's base model: the random tiny Llama-2 of :func:`write_tiny_llama2_hf_checkpoint`
     trained in full for ``pretrain_steps`` steps (batch 16, AdamW 3e-3, one CPU thread, seeded)
-    on :data:`BASE_TASK` rows, written as an HF folder ``<cache>/tiny_llama2_hf_base_<steps>``.
+    on :data:`BASE_TASK` rows, written as an HF folder ``<cache>/tiny_llama2_hf_last_word_<N>``.
 
-    Built once (about 10 s on a CPU core for 120 steps) and reused. A concurrent builder (the
-    ranks of a distributed run) writes its own staging folder; the first to finish wins.
+    Built once (a few seconds on one CPU core for 120 steps) and reused. A concurrent builder
+    (the ranks of a distributed run) writes its own staging folder; the first to finish wins.
     """
     from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
     cache = _cache_dir(cache_dir)
-    out = cache / f"tiny_llama2_hf_base_{pretrain_steps}"
+    out = cache / f"tiny_llama2_hf_last_word_{pretrain_steps}"
     if (out / "config.json").exists():
         return out
     tokenizer = demo_tokenizer(cache_dir)
@@ -398,12 +400,13 @@ def write_demo_base_checkpoint(cache_dir: Optional[str] = None, pretrain_steps: 
                                                      for t, m in zip(tokens, mask)]})
     model = _random_tiny_llama2(DEMO_MODEL_ARGS, seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same result on every machine, and fastest for this size
+    torch.set_num_threads(1)  # the same result whatever the caller's setting; fastest here
     try:
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=_BASE_LR, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / _BASE_WARMUP) * max(0.0, 1 - s / pretrain_steps))
+            optimizer,
+            lambda s: min(1.0, (s + 1) / _BASE_WARMUP) * max(0.0, 1 - s / pretrain_steps))
         for _ in range(pretrain_steps):
             picks = torch.randint(len(samples), (_BASE_BATCH,), generator=generator).tolist()
             batch = padded_collate_sft([samples[i] for i in picks], padding_idx=tokenizer.pad_id,
@@ -519,8 +522,8 @@ def run_demo(cfg, heldout: int = 50, log=print) -> DemoResult:
                              cfg.checkpointer.get("pretrain_steps", 0))
     task = f'"{DEMO_TASK}: ..."'
     before = score_checkpoint(base_dir, tokenizer, rows)
-    log(f"LoRASC demo: the base model answers {before} of {len(rows)} held-out {task} rows "
-        f"(exact match, greedy)")
+    log(f"LoRASC demo: before training, the base model answers {before} of the held-out "
+        f"{task} rows (exact match, greedy decoding)")
 
     tt_config.log_config(recipe_name="LoRASCRecipeSingleDevice", cfg=cfg)
     common.run_recipe(LoRASCRecipeSingleDevice, cfg)
@@ -532,9 +535,11 @@ def run_demo(cfg, heldout: int = 50, log=print) -> DemoResult:
         raise RuntimeError(f"no epoch folder in {output_dir} to score")
     result = DemoResult(before, epochs, rows, base_dir, output_dir)
     log(f"LoRASC demo: held-out exact match on {len(rows)} {task} rows the run never saw:")
-    log(f"  {'base (before training)':<24}{before}")
-    for name, score in epochs.items():
-        log(f"  {str(output_dir / name):<24}{score}")
+    labels = {"base (before training)": before,
+              **{str(output_dir / name): score for name, score in epochs.items()}}
+    width = max(map(len, labels)) + 2
+    for label, score in labels.items():
+        log(f"  {label:<{width}}{score}")
     row, pred, base_pred = rows[0], result.after.predictions[0], before.predictions[0]
     log(f'  e.g. "{row["input"]}" -> "{pred.strip()}" (base: "{base_pred.strip()}", '
         f'expected "{row["output"]}")')
@@ -553,9 +558,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", default=None, help=f"default: {DEMO_CONFIG}")
     parser.add_argument("--heldout", type=int, default=50, help="held-out rows (1 to 200)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: for a 1M-parameter model a second "
-                             "thread saves little, and costs much when another process is "
-                             "using a core)")
+                        help="torch CPU threads (default 1: with another process on one of "
+                             "2 cores, torch's default of 2 threads made this run ~30x slower)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = demo_config(args.overrides, args.config)
