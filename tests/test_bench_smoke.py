@@ -28,6 +28,22 @@ def test_overhead_benchmark_smoke(tmp_path):
         assert result[key] > 0
 
 
+def test_overhead_profile_smoke(tmp_path):
+    """Both recipes profiled on one config; the model's work is found (not 0) and is the same
+    order in both, and the parts add up."""
+    require_shared("alpaca", "alpaca_tiny_100.json")
+    out = tmp_path / "profile.json"
+    run("bench/overhead_profile.py", "--smoke", "--out", str(out))
+    result = json.loads(out.read_text())
+    stock, lorasc = result["runs"]["stock"][0], result["runs"]["lorasc"][0]
+    for r in (stock, lorasc):
+        assert 0 < r["decoder_forward"] and 0 < r["backward"] and 0 < r["loss"]
+        assert r["model"] < r["recipe"] < r["total"]
+        assert abs(r["recipe"] - r["model"] - r["recipe_outside_model"]) < 1e-9
+        assert r["setup"] > 0 and r["save"] > 0
+    assert 0.3 < lorasc["model"] / stock["model"] < 3
+
+
 def test_boundary_cost_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     run("bench/boundary_cost.py", "scaling", "--smoke", "--out", str(out))
