@@ -144,10 +144,15 @@ def main() -> None:
         "lorasc_peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in results["lorasc"]),
         "runs": results,
     }
+    report(summary, args.out)
+
+
+def report(summary: dict, out: Path | None) -> None:
+    """Print the summary without the per-run records; write all of it to ``out`` if given."""
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

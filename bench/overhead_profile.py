@@ -96,7 +96,7 @@ def main() -> None:
         child(*a.child)
         return
     from omegaconf import OmegaConf
-    from overhead import MODEL_45M, MODEL_SMOKE, bench_config
+    from overhead import MODEL_45M, MODEL_SMOKE, bench_config, report
 
     model, epochs, steps, pairs = MODEL_45M, 4, a.max_steps_per_epoch, a.pairs
     if a.smoke:
@@ -109,14 +109,14 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         for i in range(pairs):
             for name, recipe in RECIPES.items():  # alternated, so drift hits both alike
-                report = work / f"{name}_{i}.json"
+                record = work / f"{name}_{i}.json"
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", recipe, str(cfg_path),
-                     str(work / f"{name}_{i}"), str(report)],
+                     str(work / f"{name}_{i}"), str(record)],
                     cwd=REPO, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-                runs[name].append(json.loads(report.read_text()))
+                runs[name].append(json.loads(record.read_text()))
                 r = runs[name][-1]
                 print(f"pair {i} {name:6s} total {r['total']:.1f}s CPU, model {r['model']:.1f}s, "
                       f"recipe outside the model {r['recipe_outside_model']:.2f}s (setup "
@@ -141,10 +141,7 @@ def main() -> None:
     # LoRASC's added work as a share of the stock run: the overhead the wall ratio tries to see.
     summary["added_share_of_stock_total"] = (
         summary["recipe_outside_model_difference_s"] / summary["stock_total"])
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(summary, indent=1))
+    report(summary, a.out)
 
 
 if __name__ == "__main__":

@@ -228,12 +228,16 @@ def summarize(results: Dict[Cell, dict], tasks, epochs, ranks, methods, seeds, l
                             if best is not None:
                                 chosen.append(best)
                     if chosen:
-                        out[(t, e, r, m)] = {
-                            "test": mean_std([b["test"]["acc"] for b in chosen]),
-                            "train": mean_std([b["train"]["acc"] for b in chosen]),
-                            "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen],
-                            "chosen": chosen}
+                        out[(t, e, r, m)] = summary_entry(chosen)
     return out
+
+
+def summary_entry(chosen: List[dict]) -> dict:
+    """Test and train accuracy (mean ± std) of the selected runs, one per seed."""
+    return {"test": mean_std([b["test"]["acc"] for b in chosen]),
+            "train": mean_std([b["train"]["acc"] for b in chosen]),
+            "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen],
+            "chosen": chosen}
 
 
 def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> None:
@@ -254,13 +258,10 @@ def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> N
                         if best is not None:
                             chosen.append(best)
                 if chosen:
-                    summary[(t, e, r, SEARCHED)] = {
-                        "test": mean_std([b["test"]["acc"] for b in chosen]),
-                        "train": mean_std([b["train"]["acc"] for b in chosen]),
-                        "lrs": [b["lr"] for b in chosen], "seeds": [b["seed"] for b in chosen],
-                        "pairs": [(b["lorasc"]["slow_alpha"], b["lorasc"]["noise_lambda"])
-                                  for b in chosen],
-                        "chosen": chosen}
+                    summary[(t, e, r, SEARCHED)] = dict(
+                        summary_entry(chosen),
+                        pairs=[(b["lorasc"]["slow_alpha"], b["lorasc"]["noise_lambda"])
+                               for b in chosen])
 
 
 def label(method: str) -> str:

@@ -34,7 +34,7 @@ logits to within 1e-5 in fp32, trained or not.
 from __future__ import annotations
 
 import warnings
-from typing import Any, List
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -134,24 +134,24 @@ def gemma2_9b() -> nn.Module:
     return gemma2(**GEMMA2_9B)
 
 
-def lora_gemma2_2b(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                   lora_rank: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                   use_dora: bool = False, quantize_base: bool = False) -> nn.Module:
-    """Gemma-2-2B with LoRA: the arguments of ``torchtune.models.gemma2.lora_gemma2_2b``,
-    with Gemma-2's capping values and the cap on the logits."""
-    return lora_gemma2(lora_attn_modules, apply_lora_to_mlp, lora_rank=lora_rank,
-                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                       quantize_base=quantize_base, **GEMMA2_2B)
+def _lora_gemma2_sized(size: Dict[str, Any], name: str):
+    """A LoRA builder for one Gemma-2 size, with the arguments of torchtune's own (``name``)."""
+
+    def build(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False, lora_rank: int = 8,
+              lora_alpha: float = 16, lora_dropout: float = 0.0, use_dora: bool = False,
+              quantize_base: bool = False) -> nn.Module:
+        return lora_gemma2(lora_attn_modules, apply_lora_to_mlp, lora_rank=lora_rank,
+                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
+                           quantize_base=quantize_base, **size)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (f"{name} with LoRA: the arguments of ``torchtune.models.gemma2.{name}``, "
+                     f"with Gemma-2's capping values and the cap on the logits.")
+    return build
 
 
-def lora_gemma2_9b(lora_attn_modules: List[str], apply_lora_to_mlp: bool = False,
-                   lora_rank: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                   use_dora: bool = False, quantize_base: bool = False) -> nn.Module:
-    """Gemma-2-9B with LoRA: the arguments of ``torchtune.models.gemma2.lora_gemma2_9b``,
-    with Gemma-2's capping values and the cap on the logits."""
-    return lora_gemma2(lora_attn_modules, apply_lora_to_mlp, lora_rank=lora_rank,
-                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
-                       quantize_base=quantize_base, **GEMMA2_9B)
+lora_gemma2_2b = _lora_gemma2_sized(GEMMA2_2B, "lora_gemma2_2b")
+lora_gemma2_9b = _lora_gemma2_sized(GEMMA2_9B, "lora_gemma2_9b")
 
 
 _BUILDERS = ("gemma2", "lora_gemma2", "gemma2_2b", "gemma2_9b", "lora_gemma2_2b", "lora_gemma2_9b")

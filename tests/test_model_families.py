@@ -127,16 +127,11 @@ def save_hf_checkpoint(name: str, folder: Path):
 
 
 def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE vocabularies)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), 256)))
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies), as
+    transformers writes it."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
 
 
 def _special_tokens_file(folder: Path, name: str, tokens, first_id: int) -> Path:

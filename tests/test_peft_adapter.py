@@ -12,7 +12,7 @@ import torch
 
 from lorasc_tune.config import LoRASCConfigError
 from lorasc_tune.peft_export import lowrank_factors, relative_error
-from recipe_utils import TINY_ARGS, load_merged, make_assets, run_recipe, tiny_cfg
+from recipe_utils import TINY_ARGS, load_merged, run_recipe, tiny_cfg
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,11 +23,6 @@ NOISE_OFF = {"lorasc.noise_lambda": 0.0, "lorasc.steps_per_expert": 3}
 RANK = 4  # tiny_cfg's lora_rank
 TOKENS = torch.randint(0, TINY_ARGS["vocab_size"], (2, 20),
                        generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture(scope="module")

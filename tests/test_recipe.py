@@ -16,11 +16,6 @@ from lorasc_tune.errors import NonFiniteLossError
 from recipe_utils import TINY_ARGS, load_merged, make_assets, read_metrics, run_recipe, tiny_cfg
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("assets"))
-
-
 def plain_model_from(state):
     model = llama2(**TINY_ARGS)
     model.load_state_dict(state, strict=True)

@@ -14,7 +14,7 @@ import lorasc_tune.checkpoint as checkpoint
 import lorasc_tune.recipe_common as common
 from lorasc_tune.checkpoint import DIGEST_SUFFIX, STATE_DIRNAME, training_state_path
 from lorasc_tune.recipes.lorasc_lora import LoRASCRecipeSingleDevice
-from recipe_utils import load_merged, make_assets, run_recipe, tiny_cfg
+from recipe_utils import load_merged, run_recipe, tiny_cfg
 
 EPOCHS = 3  # 4 steps each; one expert per epoch
 FAIL_AT_STEP = 8  # the end of epoch 1: epoch_0/ and a state exist, epoch_1/ is being saved
@@ -22,11 +22,6 @@ FAIL_AT_STEP = 8  # the end of epoch 1: epoch_0/ and a state exist, epoch_1/ is 
 
 class SimulatedFailure(OSError):
     """Stands for a kill or a full disk at one point of the save sequence."""
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture(scope="module")
