@@ -359,6 +359,18 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                     entries.append(f"{statistics.fmean(d):+.1f} (n={len(d)})" if d else "—")
                 lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(entries) + " |")
     lines.append("")
+    # The keep-or-drop question for `auto` (and what the search buys): paired per seed against
+    # the fixed LoRASC, pooled over every finished (task, epochs, rank, seed).
+    for m in ("lorasc_auto", SEARCHED):
+        diffs = [d for k in summary if k[3] == m
+                 for d in paired_differences(summary, k, base="noise")]
+        if diffs:
+            wins = sum(d > 0 for d in diffs)
+            losses = sum(d < 0 for d in diffs)
+            lines += [f"{label(m)} minus LoRASC (α 0.5, λ 1), test accuracy paired per seed over "
+                      f"all finished blocks: mean {statistics.fmean(diffs):+.2f} points over "
+                      f"{len(diffs)} (task, epochs, rank, seed) pairs; higher in {wins}, lower in "
+                      f"{losses}, equal in {len(diffs) - wins - losses}.", ""]
     auto_rows = [(k, v) for k, v in summary.items() if k[3] == "lorasc_auto"]
     if auto_rows:
         lines += ["What the auto rule chose in the selected runs (mean over matrices, experts "
