@@ -1,7 +1,10 @@
 """PEFT-format LoRA adapters of a LoRASC run: ``W_T − W_0`` as a Hugging Face PEFT adapter.
 
 What an epoch folder's merged model adds to the base, per adapted matrix, is
-``Δ = W_T − W_0`` (``W_T``: what the export holds, the live expert's ``s·B·A`` folded in).
+``Δ = W_T − W_0``, with ``W_T`` the fp32 fold the merged export is cast from (the engine's fp32
+master where it keeps one, the live expert's ``s·B·A`` folded in). In a bf16 run the merged
+files are that fold rounded to bf16; the adapter is the unrounded update, so base + adapter
+equals the merged files only up to that rounding (it is, if anything, the better copy).
 
 * Noise off (``lorasc.noise_lambda: 0``) or cascade off: ``Δ`` is the sum of the merged slow
   experts ``s·B_slow^(t)·A_slow^(t)`` plus the live expert's ``s·B·A``: rank ≤ ``t·r`` after
@@ -19,8 +22,8 @@ row permutation, and none for Qwen2), and factored there; the PEFT keys are then
 Face weight names with ``lora_A`` / ``lora_B``.
 
 Where ``t·r`` (or ``k``) reaches ``min(d_out, d_in)`` (e.g. 1250 experts), no smaller
-factorization exists: that matrix is written exactly at full rank (``Δ`` against an identity),
-which is as large as the weight itself; the export says so.
+factorization exists: that matrix is written exactly at full rank (``Δ`` against an fp32
+identity), at least twice the size of the fp32 weight; the export says so.
 
 The files go to ``epoch_N/adapter/`` rather than next to the merged weights: transformers
 loads a folder holding both ``config.json`` and ``adapter_config.json`` as that folder's model
@@ -77,8 +80,9 @@ def hf_checkpoint(checkpointer: Any) -> HFCheckpoint:
                         source=checkpointer.repo_id or str(checkpointer._checkpoint_dir))
 
 
-def peft_adapter_problem(lorasc: LoRASCConfig, *, dora: bool,
-                         checkpointer: Any = None) -> Optional[str]:
+def peft_adapter_problem(lorasc: LoRASCConfig, *, dora: bool, checkpointer: Any = None,
+                         experts: Optional[int] = None, rounded_base: bool = False
+                         ) -> Optional[str]:
     """Why this run cannot write a PEFT adapter, or None.
 
     Args:
@@ -86,6 +90,11 @@ def peft_adapter_problem(lorasc: LoRASCConfig, *, dora: bool,
         dora: whether the model's adapters are DoRA.
         checkpointer: the run's torchtune checkpointer; ``None`` skips the checks on it (the
             config check runs before it is built).
+        experts: the run's planned number of experts; ``None`` (not known yet, the config
+            check) leaves the noise check to the set-up one. One expert never gets noise.
+        rounded_base: whether some adapted weight is stored below 32 bits with no fp32 master
+            (``merge_precision: nearest`` / ``stochastic`` on a bf16 base): each merge then
+            rounds into ``W``, and ``W_T - W_0`` holds that rounding, which is full rank.
     """
     if dora:
         return ("the model uses DoRA, whose per-row magnitude rescales the merged weight; that "
@@ -101,10 +110,17 @@ def peft_adapter_problem(lorasc: LoRASCConfig, *, dora: bool,
         if model_type not in PEFT_MODEL_TYPES:
             return (f"model_type {model_type} has no one-to-one Hugging Face mapping of its "
                     f"adapted matrices (supported: {', '.join(PEFT_MODEL_TYPES)})")
-    if lorasc.noise_enabled and lorasc.adapter_export_rank is None:
+    if lorasc.adapter_export_rank is not None:
+        return None  # the approximate adapter: always possible, its error reported
+    if lorasc.noise_enabled and experts is not None and experts > 1:
         return ("lorasc noise is on, so W_T - W_0 is full rank and no low-rank adapter is "
                 "exact; set lorasc.adapter_export_rank: k for an approximate rank-k adapter "
                 "(truncated SVD, error reported per matrix), or lorasc.noise_lambda: 0")
+    if rounded_base:
+        return ("the adapted weights are stored below 32 bits with no fp32 master "
+                "(lorasc.merge_precision is not fp32_master), so every merge rounds into W and "
+                "W_T - W_0 is full rank; use merge_precision: fp32_master, or set "
+                "lorasc.adapter_export_rank: k for an approximate rank-k adapter")
     return None
 
 

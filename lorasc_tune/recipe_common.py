@@ -22,8 +22,8 @@ from tqdm import tqdm
 from lorasc_tune.adapters import merged_state_dict
 from lorasc_tune.cascade import NonFiniteExpertError
 from lorasc_tune.checkpoint import KEEP_STATES, discard_states_after, load_training_state
-from lorasc_tune.config import (check_checkpoint_files, check_dataset_rows, check_json_data_files,
-                                check_tokenizer_file)
+from lorasc_tune.config import (LoRASCConfigError, check_checkpoint_files, check_dataset_rows,
+                                check_json_data_files, check_tokenizer_file)
 from lorasc_tune.driver import Cascade
 from lorasc_tune.errors import DIVERGED_EXIT_CODE, NonFiniteLossError
 from lorasc_tune.io import lock_output_dir, replace_dir, write_failure_explained
@@ -428,10 +428,16 @@ def check_adapter_export(cascade: Cascade, checkpointer: Any, run: RunSettings,
     Call once the checkpointer and the cascade are built and before anything is written: with
     ``save_adapter_weights_only`` a reason is an error, so a refused run writes nothing.
     """
+    engine = cascade.engine
+    masters = engine.master_weights()
+    rounded = any(f"{layer.name}.weight" not in masters and layer.weight.element_size() < 4
+                  for layer in engine.layers)
     problem = peft_adapter_problem(cascade.cfg, checkpointer=checkpointer,
-                                   dora=any(layer.dora for layer in cascade.engine.layers))
+                                   dora=any(layer.dora for layer in engine.layers),
+                                   experts=cascade.plan.num_experts, rounded_base=rounded)
     if problem is not None and run.adapters_only:
-        raise ValueError(f"save_adapter_weights_only is true, but {problem}; nothing was written")
+        raise LoRASCConfigError(f"save_adapter_weights_only is true, but {problem}; nothing was "
+                                f"written")
     if problem is not None and rank_zero:
         log.warning(f"LoRASC: no PEFT adapter will be written: {problem}")
     return problem
@@ -450,6 +456,8 @@ def export_epoch(checkpointer: Any, model: torch.nn.Module, cascade: Cascade, ru
     into the live weights.
     """
     adapter = None
+    # One state dict for both (for QLoRA each call dequantizes the whole model).
+    state = model.state_dict() if state is None else state
     if with_adapter:
         adapter = build_peft_adapter(model, checkpointer, experts=cascade.engine.expert,
                                      rank=cascade.cfg.adapter_export_rank, base_weights=masters,

@@ -52,6 +52,13 @@ def adapter_tensors(folder: Path):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def hf_weights(folder: Path):
+    """Every tensor of a Hugging Face checkpoint folder's safetensors files, as written."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 def report(folder: Path):
     return json.loads((folder / "adapter_export.json").read_text())
 
@@ -134,6 +141,7 @@ def test_noise_on_opt_in_rank_k_reports_the_truncated_svd_error(assets, tmp_path
     merged = load_merged(out / "epoch_2", tmp_path / "reload")
     base = load_merged(assets["ckpt"], tmp_path / "reload_base")
     tensors = adapter_tensors(adapter_dir)
+    merged_hf, base_hf = hf_weights(out / "epoch_2"), hf_weights(assets["ckpt"])
     errors = rep["relative_frobenius_error"]
     assert len(errors) == 4
     for layer in range(2):
@@ -146,10 +154,46 @@ def test_noise_on_opt_in_rank_k_reports_the_truncated_svd_error(assets, tmp_path
             assert errors[module] == pytest.approx(want, rel=1e-3), module
             assert 0.05 < want < 1  # noise made the delta far from rank 3
             B = tensors[f"base_model.model.{module}.lora_B.weight"]
-            assert B.shape[1] == k
-    # PEFT loads it; the rank-3 model lies between the base and the merged export.
+            A = tensors[f"base_model.model.{module}.lora_A.weight"]
+            assert B.shape[1] == A.shape[0] == k
+            # The written factors, in the files' own (Hugging Face, q-permuted) layout, are
+            # that truncation of the files' own difference.
+            delta_hf = (merged_hf[f"{module}.weight"] - base_hf[f"{module}.weight"]).double()
+            got = float(torch.linalg.norm(delta_hf - B.double() @ A.double())
+                        / torch.linalg.norm(delta_hf))
+            assert got == pytest.approx(want, rel=1e-3), module
+    # PEFT loads it, and the rank-3 model is nearer the merged export than the base is.
     approx = logits(peft_model(assets["ckpt"], adapter_dir))
-    assert torch.isfinite(approx).all()
+    target, start = logits(hf_model(out / "epoch_2")), logits(hf_model(assets["ckpt"]))
+    assert float((approx - target).norm()) < 0.5 * float((start - target).norm())
+
+
+def test_one_expert_with_noise_on_gets_an_exact_adapter(assets, tmp_path):
+    """The first expert gets no noise, so a one-expert run's update is exactly rank r."""
+    out = tmp_path / "run"
+    run_recipe(tiny_cfg(assets, out, epochs=1, save_adapter_weights_only=True,
+                        **{"lorasc.num_experts": 1}))
+    adapter_dir = out / "epoch_0" / "adapter"
+    rep = report(adapter_dir)
+    assert rep["mode"] == "exact" and max(rep["relative_frobenius_error"].values()) < 1e-5
+    assert not (out / "epoch_0" / "config.json").exists()  # adapters only
+
+
+def test_bf16_merges_without_fp32_masters_write_no_exact_adapter(assets, tmp_path, caplog):
+    """merge_precision: nearest on a bf16 base rounds every merge into W: W_T - W_0 is then full
+    rank, so no adapter is called exact (one labelled exact had 6-7% error before this check)."""
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        run_recipe(tiny_cfg(assets, out, epochs=2, dtype="bf16",
+                            **{**NOISE_OFF, "lorasc.merge_precision": "nearest"}))
+    said = [r.getMessage() for r in caplog.records
+            if "no PEFT adapter will be written" in r.getMessage()]
+    assert len(said) == 1 and "below 32 bits" in said[0]
+    assert not (out / "epoch_1" / "adapter").exists()
+    with pytest.raises(LoRASCConfigError, match="below 32 bits"):
+        run_recipe(tiny_cfg(assets, tmp_path / "only", epochs=2, dtype="bf16",
+                            save_adapter_weights_only=True,
+                            **{**NOISE_OFF, "lorasc.merge_precision": "nearest"}))
 
 
 def test_adapters_only_with_noise_on_is_refused_before_any_write(assets, tmp_path):
