@@ -153,16 +153,19 @@ def adapter_key_names(layer: AdaptedLayer) -> List[str]:
 
 @torch.no_grad()
 def fold_adapter(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 magnitude: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+                 magnitude: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 dtype: Optional[torch.dtype] = None):
     """A layer's effective weight and bias as *new* tensors, with the adapter folded in.
 
     LoRA: ``W + s·B·A``. DoRA (``magnitude`` given): ``m / ‖W + s·B·A‖_row · (W + s·B·A)``;
     torchtune's DoRA scales the whole base output, bias included, by that factor, so the bias
-    is scaled too. Computed in float32 and returned in ``W``'s dtype.
+    is scaled too. Computed in float32 and returned in ``dtype`` (default: ``W``'s dtype; the
+    PEFT export asks for float32, the unrounded update).
 
     Args:
         weight: ``[d_out, d_in]``; lora_a: ``[r, d_in]``; lora_b: ``[d_out, r]``;
         magnitude: ``[d_out]`` or None; bias: ``[d_out]`` or None.
+        dtype: the returned weight's dtype, or None for ``weight.dtype``.
 
     Returns:
         ``(weight [d_out, d_in], bias [d_out] or None)``, never sharing storage with the inputs.
@@ -175,7 +178,7 @@ def fold_adapter(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
             bias = (bias.float() * row_scale).to(bias.dtype)
     elif bias is not None:
         bias = bias.detach().clone()
-    return full.to(weight.dtype), bias
+    return full.to(weight.dtype if dtype is None else dtype), bias
 
 
 def fold_adapters_in_state_dict(state: Dict[str, torch.Tensor],

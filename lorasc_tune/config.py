@@ -300,9 +300,11 @@ def validate_recipe_config(cfg: Any, sections: tuple = LLM_SECTIONS,
 
 def check_adapters_only(cfg: Any) -> None:
     """``save_adapter_weights_only: true`` (PEFT adapters, no merged model) is refused here,
-    before anything is written, where the config alone shows that no adapter can be written
-    (noise on without ``lorasc.adapter_export_rank``, DoRA). What only the built checkpointer
-    shows (its class, ``model_type``) is checked when it is built, still before any write."""
+    before anything is built, where the config alone shows that no adapter can be written
+    (DoRA). Whether noise makes the adapter inexact depends on the number of experts (one
+    expert gets no noise), and a rounded bf16 base on the built model; those, and what only the
+    built checkpointer shows (its class, ``model_type``), are refused by
+    ``recipe_common.check_adapter_export`` at set-up, still before any write."""
     only = cfg.get("save_adapter_weights_only", False)
     if not isinstance(only, bool):
         raise LoRASCConfigError(f"save_adapter_weights_only must be true or false; got {only!r}")

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from lorasc_tune.adapters import find_adapters
+from lorasc_tune.adapters import find_adapters, fold_adapter
 from lorasc_tune.config import LoRASCConfig
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,9 @@ def build_peft_adapter(model: nn.Module, checkpointer: Any, *, experts: int,
         W = masters[key] if key in masters else state[key]
         A = state[f"{layer.name}.lora_a.weight"].to(device, torch.float32)
         B = state[f"{layer.name}.lora_b.weight"].to(device, torch.float32)
-        # The merged export's fold (adapters.fold_adapter), in fp32.
-        W_T = torch.addmm(W.to(device, torch.float32), B, A, alpha=layer.scale)
+        # The merged export's fold, kept in fp32 (a bf16 merged file rounds it; the adapter
+        # is the unrounded update).
+        W_T, _ = fold_adapter(W.to(device), A, B, layer.scale, dtype=torch.float32)
         [(hf_key, W_T_hf)] = to_hf({key: W_T}).items()
         delta = W_T_hf - base.get(hf_key).to(device, torch.float32)
         want = layer.rank * experts if rank is None else rank

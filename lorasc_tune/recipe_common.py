@@ -69,6 +69,11 @@ class RunSettings:
     restart_expert: bool = False
     adapters_only: bool = False
 
+    @property
+    def export_name(self) -> str:
+        """What an epoch folder holds, for log lines: ``"PEFT adapter"`` or ``"merged model"``."""
+        return "PEFT adapter" if self.adapters_only else "merged model"
+
     @classmethod
     def from_config(cls, cfg: DictConfig, device: torch.device) -> "RunSettings":
         from torchtune import training
@@ -503,9 +508,10 @@ def run_recipe(recipe_cls: type, cfg: DictConfig, after_train: Optional[Callable
         sys.exit(DIVERGED_EXIT_CODE)
     recipe.cleanup()
     if announce and getattr(recipe, "is_rank_zero", True):
-        what, path = "merged model", recipe.last_output_path
-        if getattr(getattr(recipe, "_run", None), "adapters_only", False):
-            what, path = "PEFT adapter", Path(path) / ADAPTER_DIRNAME
+        run, path = getattr(recipe, "_run", None), recipe.last_output_path
+        if run is not None and run.adapters_only:
+            path = Path(path) / ADAPTER_DIRNAME
+        what = run.export_name if run is not None else "merged model"
         print(f"LoRASC: {what} written to {path}")
     return recipe
 

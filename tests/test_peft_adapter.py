@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasc_tune import recipe_common as common
 from lorasc_tune.config import LoRASCConfigError
+from lorasc_tune.recipes.lorasc_lora import LoRASCRecipeSingleDevice
 from lorasc_tune.peft_export import lowrank_factors, relative_error
 from recipe_utils import TINY_ARGS, load_merged, run_recipe, tiny_cfg
 
@@ -212,9 +214,16 @@ def test_adapters_only_with_noise_on_is_refused_before_any_write(assets, tmp_pat
         run_recipe(tiny_cfg(assets, tmp_path / "bad", **{"lorasc.adapter_export_rank": 0}))
 
 
-def test_adapters_only_with_noise_off_writes_only_the_adapter(assets, noise_off_run, tmp_path):
+def test_adapters_only_with_noise_off_writes_only_the_adapter(assets, noise_off_run, tmp_path,
+                                                              capsys, caplog):
     out = tmp_path / "run"
-    run_recipe(tiny_cfg(assets, out, save_adapter_weights_only=True, **NOISE_OFF))
+    # Through the recipes' own entry (common.run_recipe), whose last line names what was written.
+    with caplog.at_level(logging.INFO):
+        common.run_recipe(LoRASCRecipeSingleDevice,
+                          tiny_cfg(assets, out, save_adapter_weights_only=True, **NOISE_OFF))
+    printed = capsys.readouterr().out
+    assert f"LoRASC: PEFT adapter written to {out / 'epoch_2' / 'adapter'}" in printed
+    assert f"Epoch 2: PEFT adapter saved to {out / 'epoch_2'}" in caplog.text
     for epoch in range(3):
         assert sorted(p.name for p in (out / f"epoch_{epoch}").iterdir()) == ["adapter"]
         got = adapter_tensors(out / f"epoch_{epoch}" / "adapter")

@@ -159,8 +159,7 @@ class LoRASCRecipeSingleDevice(FTRecipeInterface):
             self._checkpointer, self._model, self._cascade, self._run, epoch,
             with_adapter=self._adapter_problem is None,
             masters=self._cascade.engine.master_weights(), device=self._device)
-        what = "PEFT adapter" if self._run.adapters_only else "Merged model"
-        log.info(f"{what} for epoch {epoch} saved to {self.last_output_path} "
+        log.info(f"Epoch {epoch}: {self._run.export_name} saved to {self.last_output_path} "
                  f"in {time.perf_counter() - t0:.1f}s")
 
     def cleanup(self) -> None:

@@ -200,9 +200,8 @@ class LoRASCRecipeDistributed(FTRecipeInterface):
                                 state=full, device=self._device)
         del full, masters
         dist.barrier()
-        what = "PEFT adapter" if self._run.adapters_only else "Merged model"
-        utils.log_rank_zero(log, f"{what} for epoch {epoch} saved to {final_dir} in "
-                                 f"{time.perf_counter() - t0:.1f}s")
+        utils.log_rank_zero(log, f"Epoch {epoch}: {self._run.export_name} saved to {final_dir} "
+                                 f"in {time.perf_counter() - t0:.1f}s")
         self.last_output_path = final_dir
 
     def cleanup(self) -> None:
