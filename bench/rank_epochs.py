@@ -268,15 +268,47 @@ def label(method: str) -> str:
     return SEARCHED_LABEL if method == SEARCHED else method_spec(method)[0]
 
 
-def paired_differences(summary: dict, key: tuple, base: str = "lora") -> List[float]:
-    """Per-seed test-accuracy differences of ``key``'s method minus ``base`` (same splits)."""
-    t, e, r, _ = key
-    other = summary.get((t, e, r, base))
-    if other is None:
-        return []
-    base_by_seed = {b["seed"]: b["test"]["acc"] for b in other["chosen"]}
-    return [b["test"]["acc"] - base_by_seed[b["seed"]] for b in summary[key]["chosen"]
-            if b["seed"] in base_by_seed]
+def per_seed_differences(summary: dict, t: str, e: int, r: int, method: str,
+                         base: str = "lora") -> Dict[int, float]:
+    """``{seed: test accuracy of method − base}`` in one (task, epochs, rank) block."""
+    if (t, e, r, method) not in summary or (t, e, r, base) not in summary:
+        return {}
+    base_by_seed = {b["seed"]: b["test"]["acc"] for b in summary[(t, e, r, base)]["chosen"]}
+    return {b["seed"]: b["test"]["acc"] - base_by_seed[b["seed"]]
+            for b in summary[(t, e, r, method)]["chosen"] if b["seed"] in base_by_seed}
+
+
+def mean_se(values: Sequence[float]) -> str:
+    """``mean ± standard error (n=k)``; the error is left out for a single value."""
+    if not values:
+        return "—"
+    text = f"{statistics.fmean(values):+.1f}"
+    if len(values) > 1:
+        text += f" ± {statistics.stdev(values) / math.sqrt(len(values)):.1f}"
+    return f"{text} (n={len(values)})"
+
+
+def advantage_over_lora(summary: dict, tasks, epochs, ranks, method: str) -> dict:
+    """Fig. 2's question for one method, from its per-seed differences against LoRA.
+
+    Returns ``{"cells": {(epochs, rank): [d...]}, "longer": [...], "wider": [...]}``: the
+    differences pooled over tasks and seeds per (epochs, rank); and two paired contrasts, the
+    growth of the difference from the fewest to the most epochs (same task, rank, seed) and
+    from the smallest to the largest rank (same task, epochs, seed). Fig. 2 predicts both > 0.
+    """
+    d = {(t, e, r): per_seed_differences(summary, t, e, r, method)
+         for t in tasks for e in epochs for r in ranks}
+    cells = {(e, r): [x for t in tasks for x in d[(t, e, r)].values()]
+             for e in epochs for r in ranks}
+
+    def contrast(pairs):
+        return [hi[s] - lo[s] for lo, hi in pairs for s in lo if s in hi]
+
+    longer = contrast((d[(t, min(epochs), r)], d[(t, max(epochs), r)])
+                      for t in tasks for r in ranks) if len(epochs) > 1 else []
+    wider = contrast((d[(t, e, min(ranks))], d[(t, e, max(ranks))])
+                     for t in tasks for e in epochs) if len(ranks) > 1 else []
+    return {"cells": cells, "longer": longer, "wider": wider}
 
 
 def auto_choices(chosen: List[dict]) -> tuple:
@@ -343,7 +375,7 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                 lines.append(f"| {label(m)} | " + " | ".join(entries) + " |")
             lines.append("")
     lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
-              "split, then mean over the seeds both have):", "",
+              "split, then mean ± standard error over the seeds both have):", "",
               "| Task, epochs, rank | " + " | ".join(label(m) for m in methods
                                                     if m != "lora") + " |",
               "|---|" + "---|" * (len(methods) - 1)]
@@ -354,16 +386,36 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                 for m in methods:
                     if m == "lora":
                         continue
-                    d = (paired_differences(summary, (t, e, r, m))
-                         if (t, e, r, m) in summary else [])
-                    entries.append(f"{statistics.fmean(d):+.1f} (n={len(d)})" if d else "—")
+                    entries.append(mean_se(list(per_seed_differences(summary, t, e, r,
+                                                                     m).values())))
                 lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(entries) + " |")
+    lines.append("")
+    # Fig. 2's claim, asked of all the finished cells at once: the advantage over LoRA should be
+    # positive at high rank and long training, and grow along both axes.
+    others = [m for m in methods if m != "lora"]
+    adv = {m: advantage_over_lora(summary, tasks, epochs, ranks, m) for m in others}
+    task_names = " and ".join(TASK_LABELS[t] for t in tasks)
+    lines += [f"Fig. 2's question, pooled over {task_names}: difference against LoRA per "
+              f"(epochs, rank), mean ± standard error over (task, seed) pairs; then how much it "
+              f"grows from {min(epochs)} to {max(epochs)} epochs (same task, rank, seed) and "
+              f"from rank {min(ranks)} to {max(ranks)} (same task, epochs, seed). Fig. 2 "
+              f"predicts positive entries that grow, i.e. positive growth rows.", "",
+              "| Epochs, rank | " + " | ".join(label(m) for m in others) + " |",
+              "|---|" + "---|" * len(others)]
+    for e in epochs:
+        for r in ranks:
+            lines.append(f"| {e}, {r} | " + " | ".join(mean_se(adv[m]["cells"][(e, r)])
+                                                      for m in others) + " |")
+    lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
+                 + " | ".join(mean_se(adv[m]["longer"]) for m in others) + " |")
+    lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
+                 + " | ".join(mean_se(adv[m]["wider"]) for m in others) + " |")
     lines.append("")
     # The keep-or-drop question for `auto` (and what the search buys): paired per seed against
     # the fixed LoRASC, pooled over every finished (task, epochs, rank, seed).
     for m in ("lorasc_auto", SEARCHED):
         diffs = [d for k in summary if k[3] == m
-                 for d in paired_differences(summary, k, base="noise")]
+                 for d in per_seed_differences(summary, *k[:3], m, base="noise").values()]
         if diffs:
             wins = sum(d > 0 for d in diffs)
             losses = sum(d < 0 for d in diffs)
@@ -437,7 +489,49 @@ def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    paths += plot_advantage(out_dir, summary, tasks, epochs, ranks, methods, plt)
     return paths
+
+
+def plot_advantage(out_dir: Path, summary: dict, tasks, epochs, ranks, methods, plt) -> List[Path]:
+    """``advantage_over_lora.png``: Fig. 2's shape, each method's per-seed test-accuracy
+    difference against LoRA against rank (mean ± standard error over seeds), one line per
+    epoch count, one row of panels per task."""
+    others = [m for m in methods if m != "lora"]
+    tasks = [t for t in tasks if any(k[0] == t for k in summary)]
+    if not tasks or not others:
+        return []
+    fig, axes = plt.subplots(len(tasks), len(others), figsize=(3.2 * len(others),
+                             2.9 * len(tasks)), squeeze=False, sharex=True, sharey="row")
+    for i, t in enumerate(tasks):
+        for j, m in enumerate(others):
+            ax = axes[i][j]
+            for e in epochs:
+                pts = [(r, list(per_seed_differences(summary, t, e, r, m).values()))
+                       for r in ranks]
+                pts = [(r, d) for r, d in pts if d]
+                if pts:
+                    ax.errorbar([r for r, _ in pts], [statistics.fmean(d) for _, d in pts],
+                                yerr=[statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1
+                                      else 0.0 for _, d in pts],
+                                marker="o", capsize=3, label=f"{e} epochs")
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(ranks), [str(r) for r in ranks])
+            ax.set_title(f"{TASK_LABELS[t]}: {label(m)}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("LoRA rank")
+            if j == 0:
+                ax.set_ylabel("test acc. minus LoRA (points)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Difference against LoRA, same seed and split (mean ± s.e. over seeds); "
+                 "Fig. 2 predicts lines above 0 that rise with rank and epochs", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "advantage_over_lora.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
 
 
 # ---- command line -----------------------------------------------------------------------------

@@ -33,8 +33,9 @@ def test_rank_epochs_smoke(tmp_path):
     assert auto["noise_width_mean_per_expert"]["2"] > 0
     table = (out / "table.md").read_text()
     assert "Status: complete" in table and "| LoRASC (α, λ auto) |" in table and "[" in table
-    png = out / "sst2_rank_epochs.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Fig. 2's question" in table and "| growth, rank 2 → 4 |" in table
+    for png in (out / "sst2_rank_epochs.png", out / "advantage_over_lora.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -64,3 +65,39 @@ def test_rank_epochs_search_smoke(tmp_path):
                if line.startswith("| LoRASC (α, λ searched) |"))
     assert f"{best['test']['acc']:.1f} ± 0.0" in row
     assert "9 trained configurations per seed" in (out / "table.md").read_text()
+
+
+def test_advantage_over_lora_pools_and_pairs_by_seed():
+    """Fig. 2's summary: differences against LoRA pair by seed within a block, pool over tasks
+    and seeds per (epochs, rank), and the growth contrasts pair the same (task, rank/epochs,
+    seed) at the two ends of the axis. Checked against sums written out by hand."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import rank_epochs
+
+    def block(accs):  # {seed: test acc}, the shape summarize() gives the table
+        return {"chosen": [{"seed": s, "test": {"acc": a}} for s, a in accs.items()]}
+
+    # LoRA's accuracies; the method is LoRA + an offset that grows with epochs and rank for
+    # SST-2 (offset = e/5 + r/8 − 2 + seed) and is constant (−1) for CB; CB seed 1 is missing
+    # for the method at (20, 128), so it drops out of that cell and both contrasts' pairs.
+    summary = {}
+    for t in ("sst2", "cb"):
+        for e in (5, 20):
+            for r in (8, 128):
+                lora = {0: 70.0 + r / 100, 1: 60.0 + e}
+                summary[(t, e, r, "lora")] = block(lora)
+                off = ({s: e / 5 + r / 8 - 2 + s for s in lora} if t == "sst2"
+                       else {s: -1.0 for s in lora})
+                seeds = [0] if (t, e, r) == ("cb", 20, 128) else [0, 1]
+                summary[(t, e, r, "noise")] = block({s: lora[s] + off[s] for s in seeds})
+    got = rank_epochs.advantage_over_lora(summary, ["sst2", "cb"], [5, 20], [8, 128], "noise")
+    sst2 = lambda e, r, s: e / 5 + r / 8 - 2 + s  # noqa: E731
+    assert sorted(got["cells"][(5, 8)]) == sorted([sst2(5, 8, 0), sst2(5, 8, 1), -1.0, -1.0])
+    assert sorted(got["cells"][(20, 128)]) == sorted([sst2(20, 128, 0), sst2(20, 128, 1), -1.0])
+    # 5 -> 20 epochs: SST-2 grows by 20/5 − 5/5 = 3 for every (rank, seed); CB by 0, except the
+    # (rank 128, seed 1) pair, which has no 20-epoch value.
+    assert sorted(got["longer"]) == sorted([3.0] * 4 + [0.0] * 3)
+    # rank 8 -> 128: SST-2 grows by 128/8 − 8/8 = 15; CB by 0, without (20 epochs, seed 1).
+    assert sorted(got["wider"]) == sorted([15.0] * 4 + [0.0] * 3)
+    assert rank_epochs.mean_se([1.0, 3.0]) == "+2.0 ± 1.0 (n=2)"
+    assert rank_epochs.mean_se([-0.5]) == "-0.5 (n=1)" and rank_epochs.mean_se([]) == "—"
