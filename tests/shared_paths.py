@@ -31,3 +31,18 @@ def require_shared(*parts: str) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+# Each MeZO task's validation file in the shared data (the file its test split is drawn from).
+VALIDATION_FILES = {
+    "sst2": ("glue_sst2", "dev.tsv"),
+    "rte": ("superglue", "RTE", "val.jsonl"),
+    "cb": ("superglue", "CB", "val.jsonl"),
+    "boolq": ("superglue", "BoolQ", "val.jsonl"),
+    "wsc": ("superglue", "WSC", "val.jsonl"),
+    "wic": ("superglue", "WiC", "val.jsonl"),
+    "multirc": ("superglue", "MultiRC", "val.jsonl"),
+    "copa": ("superglue", "COPA", "val.jsonl"),
+    "squad": ("squad_v1.1", "dev-v1.1.json"),
+    "gsm8k": ("gsm8k", "test.jsonl"),
+}

@@ -16,23 +16,12 @@ from lorasc_tune.data.templates import render
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from shared_paths import VALIDATION_FILES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "evals" / "tasks" / "mezo"
 FIXTURES = Path(__file__).parent / "fixtures"
 
-REAL = {
-    "sst2": ("glue_sst2", "dev.tsv"),
-    "rte": ("superglue", "RTE", "val.jsonl"),
-    "cb": ("superglue", "CB", "val.jsonl"),
-    "boolq": ("superglue", "BoolQ", "val.jsonl"),
-    "wsc": ("superglue", "WSC", "val.jsonl"),
-    "wic": ("superglue", "WiC", "val.jsonl"),
-    "multirc": ("superglue", "MultiRC", "val.jsonl"),
-    "copa": ("superglue", "COPA", "val.jsonl"),
-    "squad": ("squad_v1.1", "dev-v1.1.json"),
-    "gsm8k": ("gsm8k", "test.jsonl"),
-}
 FIXTURE_TASKS = ("record", "drop")
 LIMIT = 6
 
@@ -96,17 +85,17 @@ def manager():
 def _data_dir(task, shared_data):
     if task in FIXTURE_TASKS:
         return str(FIXTURES)
-    shared_data(*REAL[task])
+    shared_data(*VALIDATION_FILES[task])
     return str(shared_data())
 
 
 def test_all_tasks_indexed(manager):
-    names = {f"mezo_{t}" for t in (*REAL, *FIXTURE_TASKS)}
+    names = {f"mezo_{t}" for t in (*VALIDATION_FILES, *FIXTURE_TASKS)}
     assert names <= set(manager.all_tasks)
     assert "mezo" in manager.all_tags
 
 
-@pytest.mark.parametrize("task", sorted((*REAL, *FIXTURE_TASKS)))
+@pytest.mark.parametrize("task", sorted((*VALIDATION_FILES, *FIXTURE_TASKS)))
 def test_docs_are_the_builder_test_split_and_oracle_scores(task, shared_data, monkeypatch):
     data_dir = _data_dir(task, shared_data)
     monkeypatch.setenv("LORASC_MEZO_DATA_DIR", data_dir)

@@ -10,6 +10,7 @@ import pytest
 from lorasc_tune.data.mezo import load_rows
 from lorasc_tune.data.templates import RENDERERS, render
 from mezo_golden import GOLDEN  # tests/data is on sys.path under pytest
+from shared_paths import VALIDATION_FILES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -51,23 +52,9 @@ def test_missing_template_field_names_it():
         render("rte", {"premise": "x", "label": 0})
 
 
-REAL_VALID = {
-    "sst2": ("glue_sst2", "dev.tsv"),
-    "rte": ("superglue", "RTE", "val.jsonl"),
-    "cb": ("superglue", "CB", "val.jsonl"),
-    "boolq": ("superglue", "BoolQ", "val.jsonl"),
-    "wsc": ("superglue", "WSC", "val.jsonl"),
-    "wic": ("superglue", "WiC", "val.jsonl"),
-    "multirc": ("superglue", "MultiRC", "val.jsonl"),
-    "copa": ("superglue", "COPA", "val.jsonl"),
-    "squad": ("squad_v1.1", "dev-v1.1.json"),
-    "gsm8k": ("gsm8k", "test.jsonl"),
-}
-
-
-@pytest.mark.parametrize("task", sorted(REAL_VALID))
+@pytest.mark.parametrize("task", sorted(VALIDATION_FILES))
 def test_every_real_validation_row_renders(task, shared_data):
-    path = shared_data(*REAL_VALID[task])
+    path = shared_data(*VALIDATION_FILES[task])
     for row in load_rows(task, "valid", path=path):
         ex = render(task, row)
         assert ex.prompt and ex.target
