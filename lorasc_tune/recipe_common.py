@@ -464,10 +464,24 @@ def export_epoch(checkpointer: Any, model: torch.nn.Module, cascade: Cascade, ru
     # One state dict for both (for QLoRA each call dequantizes the whole model).
     state = model.state_dict() if state is None else state
     if with_adapter:
-        adapter = build_peft_adapter(model, checkpointer, experts=cascade.engine.expert,
-                                     rank=cascade.cfg.adapter_export_rank, base_weights=masters,
-                                     state=state, device=device, seed=run.seed)
-        log.info(f"LoRASC: epoch {epoch}: {describe(adapter)}")
+        try:
+            adapter = build_peft_adapter(model, checkpointer, experts=cascade.engine.expert,
+                                         rank=cascade.cfg.adapter_export_rank,
+                                         base_weights=masters, state=state, device=device,
+                                         seed=run.seed)
+        except torch.OutOfMemoryError as err:
+            # Factoring needs a few d_out x d_in fp32 buffers per matrix (a full SVD of a
+            # LoRA'd lm_head, say). The adapter is an extra: the epoch's merged model, which
+            # needs none of them, is still written, and only an adapters-only run stops.
+            where = (f"factoring epoch {epoch}'s PEFT adapter ran out of memory on "
+                     f"{device or 'cpu'}")
+            if run.adapters_only:
+                raise RuntimeError(f"{where}, and save_adapter_weights_only is true, so "
+                                   f"nothing of epoch {epoch} was written; the epoch folders "
+                                   f"and training state saved before are intact: {err}") from err
+            log.warning(f"LoRASC: {where}; epoch_{epoch}/ gets the merged model only: {err}")
+        else:
+            log.info(f"LoRASC: epoch {epoch}: {describe(adapter)}")
     merged = None if run.adapters_only else merged_state_dict(model, masters, state=state)
     return save_with_checkpointer(checkpointer, merged, run.output_dir, epoch, adapter=adapter)
 

@@ -233,6 +233,47 @@ def test_adapters_only_with_noise_off_writes_only_the_adapter(assets, noise_off_
             torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
 
 
+def _oom_after_first_adapter(monkeypatch):
+    """Epoch 0's adapter is factored; every later one runs out of memory."""
+    real, calls = common.build_peft_adapter, []
+
+    def build(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common, "build_peft_adapter", build)
+
+
+def test_an_adapter_out_of_memory_still_writes_the_merged_model(assets, noise_off_run, tmp_path,
+                                                               monkeypatch, caplog):
+    out = tmp_path / "run"
+    _oom_after_first_adapter(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        run_recipe(tiny_cfg(assets, out, **NOISE_OFF))
+    assert "factoring epoch 1's PEFT adapter ran out of memory on cpu" in caplog.text
+    assert (out / "epoch_0" / "adapter").is_dir()
+    for epoch in (1, 2):
+        assert not (out / f"epoch_{epoch}" / "adapter").exists()
+        got = load_merged(out / f"epoch_{epoch}", tmp_path / "reload")
+        want = load_merged(noise_off_run / f"epoch_{epoch}", tmp_path / "reload_want")
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+
+
+def test_an_adapter_out_of_memory_in_an_adapters_only_run_names_it(assets, tmp_path,
+                                                                  monkeypatch):
+    out = tmp_path / "run"
+    _oom_after_first_adapter(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"epoch 1's PEFT adapter ran out of memory.*"
+                                           r"save_adapter_weights_only is true.*intact"):
+        run_recipe(tiny_cfg(assets, out, save_adapter_weights_only=True, **NOISE_OFF))
+    assert sorted(p.name for p in (out / "epoch_0").iterdir()) == ["adapter"]
+    assert not (out / "epoch_1").exists() and not (out / ".staging").exists()
+
+
 def test_resumed_run_writes_the_same_exact_adapter(assets, noise_off_run, tmp_path):
     """Crash mid-expert in epoch 1, resume: epochs 1 and 2 (written by the resumed process)
     hold the uninterrupted run's adapters, still exact against their merged exports."""
