@@ -100,10 +100,12 @@ DEFAULTS = dict(rm.DEFAULTS, num_train={"sst2": 256, "cb": 150})
 del DEFAULTS["epochs"], DEFAULTS["lora_rank"], DEFAULTS["lora_alpha"]  # they are the grid
 SMOKE = dict(DEFAULTS, num_train={"sst2": 24, "cb": 24}, num_dev=8, num_eval=16, max_seq_len=32)
 ALPHA_PER_RANK = 2.0  # lora_alpha = 2 x rank: scale 2 at every rank, as §4's rank 8 / alpha 16
-# Learning rates and seeds are §4's (replicate_minilm.DEFAULT_LRS / DEFAULT_SEEDS): on MiniLM at
-# rank 8 validation picked each of the three rates for some rows, the top one mostly for the
-# LoRASC rows; with scale 2 the step grows with rank, and 20 epochs favour smaller rates, so
-# the grid keeps 5e-4 at the bottom rather than moving up.
+# Seeds are §4's; the rates are §4's {5e-4, 2e-3, 8e-3} (replicate_minilm.DEFAULT_LRS) plus 1e-4
+# below them. With scale 2 the step grows with rank, and 20 epochs favour smaller rates: with
+# §4's three rates, validation chose the bottom one in 9 of LoRA's 10 finished SST-2 selections
+# (and in most 20-epoch ones of every method), so the optimum could lie below the grid. 1e-4 was
+# added on 2026-11-30, after 218 cells; cells are per rate, so none was retrained.
+LRS = (1e-4, 5e-4, 2e-3, 8e-3)
 RESULT_VERSION = 1
 
 
@@ -166,7 +168,7 @@ def run_cell(cell: Cell, s: dict, base_state: dict, factory, data: Dict[str, lis
         "version": RESULT_VERSION, "task": cell.task, "epochs": cell.epochs, "rank": cell.rank,
         "lora_alpha": ALPHA_PER_RANK * cell.rank, "method": cell.method,
         "label": method_spec(cell.method)[0], "seed": cell.seed, "lr": cell.lr,
-        "lorasc": cfg.to_dict(), "slow_alpha": cfg.slow_alpha, "noise_lambda": cfg.noise_lambda, "metric": "acc", "diverged": diverged,
+        "lorasc": cfg.to_dict(), "metric": "acc", "diverged": diverged,
         "sizes": {k: len(v) for k, v in data.items()}, "optimizer_steps": cascade.global_step,
         "experts": engine.expert, "train_loss_per_expert": cascade.expert_losses,
         "noise_width_mean_per_expert": {t: statistics.fmean(w)
@@ -240,6 +242,13 @@ def summary_entry(chosen: List[dict]) -> dict:
             "chosen": chosen}
 
 
+def with_pair(result: dict) -> dict:
+    """The cell with its (α, λ) at the top level, where select_best breaks ties on them (ties go
+    to the smaller α, then the smaller λ, as in recipes/paper_table1.py)."""
+    return dict(result, slow_alpha=result["lorasc"]["slow_alpha"],
+                noise_lambda=result["lorasc"]["noise_lambda"])
+
+
 def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> None:
     """Add the searched LoRASC's rows: per seed, validation's pick among the 9 (α, λ) pairs at
     the fixed LoRASC's chosen rate, once all 9 are finished (a seed counts only then)."""
@@ -254,7 +263,8 @@ def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> N
                     paths = [Cell(t, e, r, m, b["seed"], b["lr"]).path(out_dir)
                              for m in SEARCH_METHODS]
                     if all(p.is_file() for p in paths):
-                        best = select_best([b] + [json.loads(p.read_text()) for p in paths])
+                        best = select_best(with_pair(r) for r in
+                                           [b] + [json.loads(p.read_text()) for p in paths])
                         if best is not None:
                             chosen.append(best)
                 if chosen:
@@ -268,14 +278,38 @@ def label(method: str) -> str:
     return SEARCHED_LABEL if method == SEARCHED else method_spec(method)[0]
 
 
-def per_seed_differences(summary: dict, t: str, e: int, r: int, method: str,
-                         base: str = "lora") -> Dict[int, float]:
-    """``{seed: test accuracy of method − base}`` in one (task, epochs, rank) block."""
-    if (t, e, r, method) not in summary or (t, e, r, base) not in summary:
-        return {}
-    base_by_seed = {b["seed"]: b["test"]["acc"] for b in summary[(t, e, r, base)]["chosen"]}
-    return {b["seed"]: b["test"]["acc"] - base_by_seed[b["seed"]]
-            for b in summary[(t, e, r, method)]["chosen"] if b["seed"] in base_by_seed}
+def differences(summary: dict, tasks, epochs, ranks, method: str,
+                base: str = "lora") -> Dict[tuple, float]:
+    """``{(task, epochs, rank, seed): test accuracy of method − base}``, same seed and split."""
+    out = {}
+    for t in tasks:
+        for e in epochs:
+            for r in ranks:
+                if (t, e, r, method) not in summary or (t, e, r, base) not in summary:
+                    continue
+                base_acc = {b["seed"]: b["test"]["acc"]
+                            for b in summary[(t, e, r, base)]["chosen"]}
+                out.update({(t, e, r, b["seed"]): b["test"]["acc"] - base_acc[b["seed"]]
+                            for b in summary[(t, e, r, method)]["chosen"]
+                            if b["seed"] in base_acc})
+    return out
+
+
+def shared_keys(diffs: Dict[str, Dict[tuple, float]]) -> set:
+    """The (task, epochs, rank, seed) every method in ``diffs`` has, so that the columns of a
+    pooled table average over the same runs."""
+    keys = [set(d) for d in diffs.values()]
+    return set.intersection(*keys) if keys else set()
+
+
+def unit_means(values: Dict[tuple, float]) -> List[float]:
+    """One value per (task, seed), the mean over its (epochs, rank) blocks. The blocks of one
+    (task, seed) share their data split, so they are not independent; (task, seed) pairs are,
+    and a standard error is taken over them."""
+    by_unit: Dict[tuple, List[float]] = {}
+    for (t, _, _, seed), v in sorted(values.items()):
+        by_unit.setdefault((t, seed), []).append(v)
+    return [statistics.fmean(v) for v in by_unit.values()]
 
 
 def mean_se(values: Sequence[float]) -> str:
@@ -288,33 +322,60 @@ def mean_se(values: Sequence[float]) -> str:
     return f"{text} (n={len(values)})"
 
 
-def advantage_over_lora(summary: dict, tasks, epochs, ranks, method: str) -> dict:
-    """Fig. 2's question for one method, from its per-seed differences against LoRA.
+def fig2_summary(d: Dict[tuple, float], keys: set, epochs, ranks) -> dict:
+    """Fig. 2's question for one method, from its differences ``d`` against a base, over the
+    (task, epochs, rank, seed) in ``keys``.
 
-    Returns ``{"cells": {(epochs, rank): [d...]}, "longer": [...], "wider": [...]}``: the
-    differences pooled over tasks and seeds per (epochs, rank); and two paired contrasts, the
-    growth of the difference from the fewest to the most epochs (same task, rank, seed) and
-    from the smallest to the largest rank (same task, epochs, seed). Fig. 2 predicts both > 0.
+    Returns ``{"cells": {(epochs, rank): [...]}, "longer": [...], "wider": [...]}``: per
+    (epochs, rank), the differences (one per (task, seed)); "longer", per (task, seed), the
+    mean over ranks of how much the difference grows from the fewest to the most epochs;
+    "wider", per (task, seed), the mean over epoch counts of its growth from the smallest to
+    the largest rank. Fig. 2 predicts positive differences and positive growth.
     """
-    d = {(t, e, r): per_seed_differences(summary, t, e, r, method)
-         for t in tasks for e in epochs for r in ranks}
-    cells = {(e, r): [x for t in tasks for x in d[(t, e, r)].values()]
+    lo_e, hi_e, lo_r, hi_r = min(epochs), max(epochs), min(ranks), max(ranks)
+    cells = {(e, r): [d[k] for k in sorted(keys) if k[1:3] == (e, r)]
              for e in epochs for r in ranks}
+    longer = {k: d[(k[0], hi_e, k[2], k[3])] - d[k] for k in keys
+              if k[1] == lo_e and (k[0], hi_e, k[2], k[3]) in keys} if hi_e > lo_e else {}
+    wider = {k: d[(k[0], k[1], hi_r, k[3])] - d[k] for k in keys
+             if k[2] == lo_r and (k[0], k[1], hi_r, k[3]) in keys} if hi_r > lo_r else {}
+    return {"cells": cells, "longer": unit_means(longer), "wider": unit_means(wider)}
 
-    def contrast(pairs):
-        return [hi[s] - lo[s] for lo, hi in pairs for s in lo if s in hi]
 
-    longer = contrast((d[(t, min(epochs), r)], d[(t, max(epochs), r)])
-                      for t in tasks for r in ranks) if len(epochs) > 1 else []
-    wider = contrast((d[(t, e, min(ranks))], d[(t, e, max(ranks))])
-                     for t in tasks for e in epochs) if len(ranks) > 1 else []
-    return {"cells": cells, "longer": longer, "wider": wider}
+def pooled_table(summary: dict, tasks, epochs, ranks, methods, base: str) -> List[str]:
+    """Fig. 2's table against ``base``: the methods' differences per (epochs, rank) and their
+    growth along both axes, every column over the same (task, seed) runs (those all the
+    main-grid methods have; the searched row, which lags, over its share of them)."""
+    diffs = {m: differences(summary, tasks, epochs, ranks, m, base) for m in methods}
+    keys = shared_keys({m: d for m, d in diffs.items() if m != SEARCHED})
+    stats = {m: fig2_summary(d, keys & set(d), epochs, ranks) for m, d in diffs.items()}
+    task_names = " and ".join(TASK_LABELS[t] for t in tasks)
+    lines = [f"Fig. 2's question against {label(base)}, pooled over {task_names}: the "
+             f"difference per (epochs, rank), mean ± standard error over (task, seed) pairs "
+             f"(n); then its growth from {min(epochs)} to {max(epochs)} epochs (mean over ranks) "
+             f"and from rank {min(ranks)} to {max(ranks)} (mean over epoch counts), per (task, "
+             f"seed), then mean ± standard error. Every column uses the same runs: those all "
+             f"the main-grid rows have finished (the searched row, which lags: its share of "
+             f"them). Fig. 2 predicts positive entries that grow, i.e. positive growth rows.", "",
+             "| Epochs, rank | " + " | ".join(label(m) for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for e in epochs:
+        for r in ranks:
+            lines.append(f"| {e}, {r} | " + " | ".join(mean_se(stats[m]["cells"][(e, r)])
+                                                      for m in methods) + " |")
+    lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
+                 + " | ".join(mean_se(stats[m]["longer"]) for m in methods) + " |")
+    lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
+                 + " | ".join(mean_se(stats[m]["wider"]) for m in methods) + " |")
+    return lines + [""]
 
 
 def auto_choices(chosen: List[dict]) -> tuple:
-    """Mean α (experts 2..T) and λ (experts 2..T) the auto rule set in the selected runs."""
+    """Mean α and λ the auto rule set in the selected runs, where it had something to measure:
+    α after experts 2..T (expert 1 has no predecessor: 0.5) and λ before experts 3..T (before
+    expert 2 only one expert exists: 1)."""
     alphas = [a for b in chosen for t, a in b["auto_alpha_mean_per_expert"].items() if t != "1"]
-    lams = [v for b in chosen for v in b["auto_lambda_mean_per_expert"].values()]
+    lams = [v for b in chosen for t, v in b["auto_lambda_mean_per_expert"].items() if t != "2"]
     return (statistics.fmean(alphas) if alphas else math.nan,
             statistics.fmean(lams) if lams else math.nan)
 
@@ -346,7 +407,9 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
              f"{{{', '.join(format_lr(x) for x in lrs)}}} (ties to the smaller rate). "
              f"Entries: test accuracy mean ± std over seeds {', '.join(map(str, seeds))}, then "
              f"[train accuracy mean] of the same selected runs. (k/{len(seeds)}): only k seeds "
-             f"have every rate finished. Bold: best test mean in the column.", "",
+             f"have every rate finished. Bold: best test mean in the column (over the seeds "
+             f"each row has finished). Runs per seed: the configurations each entry was "
+             f"selected among.", "",
              f"{SEARCHED_LABEL}: §4.1's α {{{', '.join(f'{a:g}' for a in SLOW_ALPHAS)}}} x λ "
              f"{{{', '.join(f'{v:g}' for v in NOISE_LAMBDAS)}}} at the rate validation chose for "
              f"LoRASC (α 0.5, λ 1), validation choosing the pair: {len(lrs) + len(SEARCH_METHODS)}"
@@ -355,8 +418,8 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
     for t in tasks:
         for e in epochs:
             lines += [f"### {TASK_LABELS[t]}, {e} epochs", "",
-                      "| Method | " + " | ".join(f"r={r}" for r in ranks) + " |",
-                      "|---|" + "---|" * len(ranks)]
+                      "| Method | runs per seed | " + " | ".join(f"r={r}" for r in ranks) + " |",
+                      "|---|---|" + "---|" * len(ranks)]
             best = {r: max((summary[(t, e, r, m)]["test"]["mean"] for m in methods
                             if (t, e, r, m) in summary), default=None) for r in ranks}
             for m in methods:
@@ -366,67 +429,51 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                     if st is None:
                         entries.append("—")
                         continue
-                    text = f"{st['test']['mean']:.1f} ± {st['test']['std']:.1f}"
+                    text = f"{st['test']['mean']:.1f}"
+                    if st["test"]["n"] > 1:
+                        text += f" ± {st['test']['std']:.1f}"
                     if st["test"]["n"] < len(seeds):
                         text += f" ({st['test']['n']}/{len(seeds)})"
                     if math.isclose(st["test"]["mean"], best[r]):
                         text = f"**{text}**"
                     entries.append(f"{text} [{st['train']['mean']:.1f}]")
-                lines.append(f"| {label(m)} | " + " | ".join(entries) + " |")
+                runs = len(lrs) + len(SEARCH_METHODS) if m == SEARCHED else len(lrs)
+                lines.append(f"| {label(m)} | {runs} | " + " | ".join(entries) + " |")
             lines.append("")
+    others = [m for m in methods if m != "lora"]
+    d_lora = {m: differences(summary, tasks, epochs, ranks, m) for m in others}
     lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
               "split, then mean ± standard error over the seeds both have):", "",
-              "| Task, epochs, rank | " + " | ".join(label(m) for m in methods
-                                                    if m != "lora") + " |",
-              "|---|" + "---|" * (len(methods) - 1)]
+              "| Task, epochs, rank | " + " | ".join(label(m) for m in others) + " |",
+              "|---|" + "---|" * len(others)]
     for t in tasks:
         for e in epochs:
             for r in ranks:
-                entries = []
-                for m in methods:
-                    if m == "lora":
-                        continue
-                    entries.append(mean_se(list(per_seed_differences(summary, t, e, r,
-                                                                     m).values())))
-                lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(entries) + " |")
+                lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(
+                    mean_se([v for (t2, e2, r2, _), v in sorted(d_lora[m].items())
+                             if (t2, e2, r2) == (t, e, r)]) for m in others) + " |")
     lines.append("")
-    # Fig. 2's claim, asked of all the finished cells at once: the advantage over LoRA should be
-    # positive at high rank and long training, and grow along both axes.
-    others = [m for m in methods if m != "lora"]
-    adv = {m: advantage_over_lora(summary, tasks, epochs, ranks, m) for m in others}
-    task_names = " and ".join(TASK_LABELS[t] for t in tasks)
-    lines += [f"Fig. 2's question, pooled over {task_names}: difference against LoRA per "
-              f"(epochs, rank), mean ± standard error over (task, seed) pairs; then how much it "
-              f"grows from {min(epochs)} to {max(epochs)} epochs (same task, rank, seed) and "
-              f"from rank {min(ranks)} to {max(ranks)} (same task, epochs, seed). Fig. 2 "
-              f"predicts positive entries that grow, i.e. positive growth rows.", "",
-              "| Epochs, rank | " + " | ".join(label(m) for m in others) + " |",
-              "|---|" + "---|" * len(others)]
-    for e in epochs:
-        for r in ranks:
-            lines.append(f"| {e}, {r} | " + " | ".join(mean_se(adv[m]["cells"][(e, r)])
-                                                      for m in others) + " |")
-    lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
-                 + " | ".join(mean_se(adv[m]["longer"]) for m in others) + " |")
-    lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
-                 + " | ".join(mean_se(adv[m]["wider"]) for m in others) + " |")
-    lines.append("")
-    # The keep-or-drop question for `auto` (and what the search buys): paired per seed against
-    # the fixed LoRASC, pooled over every finished (task, epochs, rank, seed).
-    for m in ("lorasc_auto", SEARCHED):
-        diffs = [d for k in summary if k[3] == m
-                 for d in per_seed_differences(summary, *k[:3], m, base="noise").values()]
-        if diffs:
-            wins = sum(d > 0 for d in diffs)
-            losses = sum(d < 0 for d in diffs)
-            lines += [f"{label(m)} minus LoRASC (α 0.5, λ 1), test accuracy paired per seed over "
-                      f"all finished blocks: mean {statistics.fmean(diffs):+.2f} points over "
-                      f"{len(diffs)} (task, epochs, rank, seed) pairs; higher in {wins}, lower in "
-                      f"{losses}, equal in {len(diffs) - wins - losses}.", ""]
+    lines += pooled_table(summary, tasks, epochs, ranks, others, "lora")
+    if "cola" in methods:  # Fig. 2 also compares the cascade to COLA's
+        lines += pooled_table(summary, tasks, epochs, ranks,
+                              [m for m in others if m != "cola"], "cola")
+    # The keep-or-drop question for `auto`, and what the search buys: paired per seed, pooled
+    # over every finished (task, epochs, rank, seed); the error over (task, seed) means.
+    for m, base in (("lorasc_auto", "noise"), (SEARCHED, "noise"), ("lorasc_auto", SEARCHED)):
+        d = differences(summary, tasks, epochs, ranks, m, base)
+        if d:
+            wins = sum(v > 0 for v in d.values())
+            losses = sum(v < 0 for v in d.values())
+            lines += [f"{label(m)} minus {label(base)}, test accuracy paired per seed over all "
+                      f"blocks both have: mean {statistics.fmean(d.values()):+.2f} points over "
+                      f"{len(d)} (task, epochs, rank, seed) blocks, higher in {wins}, lower in "
+                      f"{losses}, equal in {len(d) - wins - losses}; over (task, seed) means "
+                      f"{mean_se(unit_means(d))}.", ""]
     auto_rows = [(k, v) for k, v in summary.items() if k[3] == "lorasc_auto"]
     if auto_rows:
         lines += ["What the auto rule chose in the selected runs (mean over matrices, experts "
-                  "2..T and seeds; fixed LoRASC uses α 0.5, λ 1):", ""]
+                  "and seeds, leaving out the fallbacks: α after experts 2..T, λ before experts "
+                  "3..T; fixed LoRASC uses α 0.5, λ 1):", ""]
         for (t, e, r, _), st in auto_rows:
             mean_alpha, mean_lambda = auto_choices(st["chosen"])
             lines.append(f"- {TASK_LABELS[t]} e{e} r{r}: α {mean_alpha:.3f}, λ {mean_lambda:.3f}")
@@ -503,11 +550,12 @@ def plot_advantage(out_dir: Path, summary: dict, tasks, epochs, ranks, methods, 
         return []
     fig, axes = plt.subplots(len(tasks), len(others), figsize=(3.2 * len(others),
                              2.9 * len(tasks)), squeeze=False, sharex=True, sharey="row")
+    diffs = {m: differences(summary, tasks, epochs, ranks, m) for m in others}
     for i, t in enumerate(tasks):
         for j, m in enumerate(others):
             ax = axes[i][j]
             for e in epochs:
-                pts = [(r, list(per_seed_differences(summary, t, e, r, m).values()))
+                pts = [(r, [v for k, v in diffs[m].items() if k[:3] == (t, e, r)])
                        for r in ranks]
                 pts = [(r, d) for r, d in pts if d]
                 if pts:
@@ -545,6 +593,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--ranks", type=rm._csv(int), default=list(RANKS))
     rm.add_grid_arguments(p, METHODS, "tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and "
                           "LoRASC auto", "only write table.md and the plots")
+    p.set_defaults(lrs=list(LRS))
     p.add_argument("--search", action="store_true",
                    help="run the searched LoRASC's cells (α, λ of §4.1 at the fixed LoRASC's "
                         "chosen rate) whose rate is known, instead of the main grid")

@@ -59,45 +59,74 @@ def test_rank_epochs_search_smoke(tmp_path):
     pairs = {(r["lorasc"]["slow_alpha"], r["lorasc"]["noise_lambda"]) for r in cells.values()}
     assert pairs == {(a, lam) for a in (0.5, 0.6, 0.8) for lam in (0.1, 1.0, 10.0)}
     assert {r["lr"] for r in cells.values()} == {cells["noise"]["lr"]}
-    best = max(cells.values(), key=lambda r: (r["validation"]["acc"], -r["slow_alpha"],
-                                              -r["noise_lambda"]))
+    best = max(cells.values(), key=lambda r: (r["validation"]["acc"],
+                                              -r["lorasc"]["slow_alpha"],
+                                              -r["lorasc"]["noise_lambda"]))
     row = next(line for line in (out / "table.md").read_text().splitlines()
                if line.startswith("| LoRASC (α, λ searched) |"))
-    assert f"{best['test']['acc']:.1f} ± 0.0" in row
+    # | label | runs per seed | rank 2 entry: test accuracy, then [train accuracy] |
+    assert row.split("|")[2].strip() == "9"
+    assert row.split("|")[3].strip().strip("*").startswith(f"{best['test']['acc']:.1f}")
     assert "9 trained configurations per seed" in (out / "table.md").read_text()
 
 
-def test_advantage_over_lora_pools_and_pairs_by_seed():
-    """Fig. 2's summary: differences against LoRA pair by seed within a block, pool over tasks
-    and seeds per (epochs, rank), and the growth contrasts pair the same (task, rank/epochs,
-    seed) at the two ends of the axis. Checked against sums written out by hand."""
+def test_fig2_summary_pools_pairs_and_averages_per_task_and_seed():
+    """Fig. 2's summary: differences against LoRA pair by seed within a block; only the runs
+    every main-grid method has enter the pooled table; the growth contrasts pair the two ends
+    of an axis within a (task, seed) and average over the other axis before the standard
+    error. Checked against sums written out by hand."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     import rank_epochs
 
     def block(accs):  # {seed: test acc}, the shape summarize() gives the table
         return {"chosen": [{"seed": s, "test": {"acc": a}} for s, a in accs.items()]}
 
-    # LoRA's accuracies; the method is LoRA + an offset that grows with epochs and rank for
-    # SST-2 (offset = e/5 + r/8 − 2 + seed) and is constant (−1) for CB; CB seed 1 is missing
-    # for the method at (20, 128), so it drops out of that cell and both contrasts' pairs.
+    # The method is LoRA + an offset: for SST-2 e/5 + r/8 − 2 + seed (it grows along both
+    # axes), for CB −1 (it does not). COLA is LoRA + 1 everywhere except CB seed 1 at
+    # (20, 128), which it has not finished, so that run leaves every column of the pool.
     summary = {}
     for t in ("sst2", "cb"):
         for e in (5, 20):
-            for r in (8, 128):
+            for r in (8, 32, 128):
                 lora = {0: 70.0 + r / 100, 1: 60.0 + e}
                 summary[(t, e, r, "lora")] = block(lora)
                 off = ({s: e / 5 + r / 8 - 2 + s for s in lora} if t == "sst2"
                        else {s: -1.0 for s in lora})
+                summary[(t, e, r, "noise")] = block({s: lora[s] + off[s] for s in lora})
                 seeds = [0] if (t, e, r) == ("cb", 20, 128) else [0, 1]
-                summary[(t, e, r, "noise")] = block({s: lora[s] + off[s] for s in seeds})
-    got = rank_epochs.advantage_over_lora(summary, ["sst2", "cb"], [5, 20], [8, 128], "noise")
+                summary[(t, e, r, "cola")] = block({s: lora[s] + 1 for s in seeds})
+    tasks, epochs, ranks = ["sst2", "cb"], [5, 20], [8, 32, 128]
+    d = {m: rank_epochs.differences(summary, tasks, epochs, ranks, m) for m in ("noise", "cola")}
+    assert d["noise"][("sst2", 20, 32, 1)] == 20 / 5 + 32 / 8 - 2 + 1
+    keys = rank_epochs.shared_keys(d)
+    assert len(keys) == 2 * 2 * 3 * 2 - 1 and ("cb", 20, 128, 1) not in keys
+    got = rank_epochs.fig2_summary(d["noise"], keys, epochs, ranks)
     sst2 = lambda e, r, s: e / 5 + r / 8 - 2 + s  # noqa: E731
     assert sorted(got["cells"][(5, 8)]) == sorted([sst2(5, 8, 0), sst2(5, 8, 1), -1.0, -1.0])
     assert sorted(got["cells"][(20, 128)]) == sorted([sst2(20, 128, 0), sst2(20, 128, 1), -1.0])
-    # 5 -> 20 epochs: SST-2 grows by 20/5 − 5/5 = 3 for every (rank, seed); CB by 0, except the
-    # (rank 128, seed 1) pair, which has no 20-epoch value.
-    assert sorted(got["longer"]) == sorted([3.0] * 4 + [0.0] * 3)
-    # rank 8 -> 128: SST-2 grows by 128/8 − 8/8 = 15; CB by 0, without (20 epochs, seed 1).
-    assert sorted(got["wider"]) == sorted([15.0] * 4 + [0.0] * 3)
+    # 5 -> 20 epochs, mean over ranks per (task, seed): SST-2 grows by 20/5 − 5/5 = 3; CB by 0
+    # (seed 1 from ranks 8 and 32 only). One value per (task, seed): 4 in all.
+    assert sorted(got["longer"]) == [0.0, 0.0, 3.0, 3.0]
+    # rank 8 -> 128, mean over epoch counts: SST-2 grows by 128/8 − 8/8 = 15; CB by 0.
+    assert sorted(got["wider"]) == [0.0, 0.0, 15.0, 15.0]
+    # The per-(task, seed) mean pools blocks before the error; blocks are not independent.
+    assert rank_epochs.unit_means({("cb", 5, 8, 0): 1.0, ("cb", 20, 8, 0): 3.0,
+                                   ("sst2", 5, 8, 0): -4.0}) == [2.0, -4.0]
     assert rank_epochs.mean_se([1.0, 3.0]) == "+2.0 ± 1.0 (n=2)"
     assert rank_epochs.mean_se([-0.5]) == "-0.5 (n=1)" and rank_epochs.mean_se([]) == "—"
+
+
+def test_searched_ties_go_to_the_smaller_pair_whatever_the_cell_version():
+    """Cells keep α and λ in their ``lorasc`` block (older ones have nothing at the top level);
+    a validation tie among the 9 pairs goes to the smaller α, then the smaller λ."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import rank_epochs
+    from paper_selection import select_best
+
+    def cell(alpha, lam):
+        return {"lr": 2e-3, "metric": "acc", "validation": {"acc": 80.0}, "diverged": False,
+                "lorasc": {"slow_alpha": alpha, "noise_lambda": lam}}
+
+    cells = [cell(0.5, 1.0), cell(0.8, 0.1), cell(0.5, 0.1), cell(0.6, 10.0)]
+    best = select_best(rank_epochs.with_pair(c) for c in cells)
+    assert (best["slow_alpha"], best["noise_lambda"]) == (0.5, 0.1)
