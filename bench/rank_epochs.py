@@ -312,13 +312,18 @@ def unit_means(values: Dict[tuple, float]) -> List[float]:
     return [statistics.fmean(v) for v in by_unit.values()]
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean; 0 for a single value (nothing to estimate it from)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
 def mean_se(values: Sequence[float]) -> str:
     """``mean ± standard error (n=k)``; the error is left out for a single value."""
     if not values:
         return "—"
     text = f"{statistics.fmean(values):+.1f}"
     if len(values) > 1:
-        text += f" ± {statistics.stdev(values) / math.sqrt(len(values)):.1f}"
+        text += f" ± {standard_error(values):.1f}"
     return f"{text} (n={len(values)})"
 
 
@@ -342,11 +347,13 @@ def fig2_summary(d: Dict[tuple, float], keys: set, epochs, ranks) -> dict:
     return {"cells": cells, "longer": unit_means(longer), "wider": unit_means(wider)}
 
 
-def pooled_table(summary: dict, tasks, epochs, ranks, methods, base: str) -> List[str]:
-    """Fig. 2's table against ``base``: the methods' differences per (epochs, rank) and their
-    growth along both axes, every column over the same (task, seed) runs (those all the
-    main-grid methods have; the searched row, which lags, over its share of them)."""
-    diffs = {m: differences(summary, tasks, epochs, ranks, m, base) for m in methods}
+def pooled_table(diffs: Dict[str, Dict[tuple, float]], tasks, epochs, ranks,
+                 base: str) -> List[str]:
+    """Fig. 2's table against ``base`` from ``diffs`` (method → its ``differences`` against
+    ``base``): the differences per (epochs, rank) and their growth along both axes, every
+    column over the same (task, seed) runs (those all the main-grid methods have; the
+    searched row, which lags, over its share of them)."""
+    methods = list(diffs)
     keys = shared_keys({m: d for m, d in diffs.items() if m != SEARCHED})
     stats = {m: fig2_summary(d, keys & set(d), epochs, ranks) for m, d in diffs.items()}
     task_names = " and ".join(TASK_LABELS[t] for t in tasks)
@@ -453,10 +460,10 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                     mean_se([v for (t2, e2, r2, _), v in sorted(d_lora[m].items())
                              if (t2, e2, r2) == (t, e, r)]) for m in others) + " |")
     lines.append("")
-    lines += pooled_table(summary, tasks, epochs, ranks, others, "lora")
+    lines += pooled_table(d_lora, tasks, epochs, ranks, "lora")
     if "cola" in methods:  # Fig. 2 also compares the cascade to COLA's
-        lines += pooled_table(summary, tasks, epochs, ranks,
-                              [m for m in others if m != "cola"], "cola")
+        lines += pooled_table({m: differences(summary, tasks, epochs, ranks, m, "cola")
+                               for m in others if m != "cola"}, tasks, epochs, ranks, "cola")
     # The keep-or-drop question for `auto`, and what the search buys: paired per seed, pooled
     # over every finished (task, epochs, rank, seed); the error over (task, seed) means.
     for m, base in (("lorasc_auto", "noise"), (SEARCHED, "noise"), ("lorasc_auto", SEARCHED)):
@@ -560,8 +567,7 @@ def plot_advantage(out_dir: Path, summary: dict, tasks, epochs, ranks, methods, 
                 pts = [(r, d) for r, d in pts if d]
                 if pts:
                     ax.errorbar([r for r, _ in pts], [statistics.fmean(d) for _, d in pts],
-                                yerr=[statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1
-                                      else 0.0 for _, d in pts],
+                                yerr=[standard_error(d) for _, d in pts],
                                 marker="o", capsize=3, label=f"{e} epochs")
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
