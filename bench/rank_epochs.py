@@ -620,8 +620,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rm.check_settings(a.out_dir, s, {"tasks": a.tasks, "epochs": a.epochs,
                                          "ranks": a.ranks, "methods": a.methods,
                                          "seeds": a.seeds, "lrs": a.lrs})
-        sweep(a.out_dir, search_cells(a.out_dir, a.tasks, a.epochs, a.ranks, a.seeds, a.lrs)
-              if a.search else all_cells(*grid), s)
+        cells = (search_cells(a.out_dir, a.tasks, a.epochs, a.ranks, a.seeds, a.lrs)
+                 if a.search else all_cells(*grid))
+        sweep(a.out_dir, rm.shard_cells(cells, a.shard), s)
     tasks = [t for t in TASKS if t in a.tasks]
     methods = [m for m in METHODS if m in a.methods]
     ordered = (tasks, sorted(a.epochs), sorted(a.ranks), methods, a.seeds, a.lrs)

@@ -402,13 +402,13 @@ def run_pending(out_dir: Path, cells: Sequence, s: dict, splits, train, describe
               f"{res['seconds']['cpu']:.1f}s CPU)", flush=True)
 
 
-def sweep(out_dir: Path, cells: List[Cell], s: dict, shard: tuple) -> None:
+def sweep(out_dir: Path, cells: List[Cell], s: dict) -> None:
     def describe(c: Cell, res: dict) -> str:
         acc = ("diverged" if res["diverged"] else
                f"val {res['validation']['acc']:.1f} test {res['test']['acc']:.1f}")
         return f"{c.task} {c.method} seed{c.seed} lr{format_lr(c.lr)}: {acc}"
 
-    run_pending(out_dir, [c for i, c in enumerate(cells) if i % shard[1] == shard[0]], s,
+    run_pending(out_dir, cells, s,
                 splits=lambda task, seed: task_splits(task, seed, s),
                 train=lambda c, base, tok, factory, data: run_cell(c, s, base, tok, factory, data),
                 describe=describe)
@@ -474,9 +474,31 @@ def _csv(cast):
     return lambda text: [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def _shard(text: str) -> tuple:
+    """``"i/n"`` → ``(i, n)`` with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants i/n, e.g. 0/2; got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"i/n needs 0 <= i < n; got {text!r}")
+    return i, n
+
+
+def shard_cells(cells: Sequence, shard: tuple) -> list:
+    """Cells i, i+n, i+2n, ... of ``cells`` for ``shard = (i, n)``: n processes given the same
+    grid and shards 0/n .. n-1/n train every cell once between them."""
+    i, n = shard
+    return [c for k, c in enumerate(cells) if k % n == i]
+
+
 def add_grid_arguments(p: argparse.ArgumentParser, methods, smoke_help: str,
                        table_help: str) -> None:
-    """The options this sweep and bench/rank_epochs.py share: the grid, --smoke, --table."""
+    """The options this sweep and bench/rank_epochs.py share: the grid, --shard, --smoke,
+    --table."""
+    p.add_argument("--shard", type=_shard, default=(0, 1),
+                   help="i/n: train only cells i, i+n, i+2n, ... of the grid, so that n "
+                        "processes (shards 0/n .. n-1/n) share it without training a cell twice")
     p.add_argument("--methods", type=_csv(str), default=list(methods))
     p.add_argument("--seeds", type=_csv(int), default=list(DEFAULT_SEEDS))
     p.add_argument("--lrs", type=_csv(float), default=list(DEFAULT_LRS))
@@ -488,7 +510,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "minilm")
     p.add_argument("--tasks", type=_csv(str), default=list(TASKS))
-    p.add_argument("--shard", default="0/1", help="i/n: run only cells i, i+n, ... (n processes)")
     add_grid_arguments(p, METHODS, "tiny sizes, SST-2, LoRA vs LoRASC vs DoRA+LoRASC, one seed: "
                        "seconds", "only print and write table.md")
     a = p.parse_args(argv)
@@ -502,8 +523,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not a.table:
         check_settings(a.out_dir, s, {"tasks": a.tasks, "methods": a.methods, "seeds": a.seeds,
                                       "lrs": a.lrs})
-        i, n = (int(x) for x in a.shard.split("/"))
-        sweep(a.out_dir, all_cells(a.tasks, a.methods, a.seeds, a.lrs), s, (i, n))
+        sweep(a.out_dir, shard_cells(all_cells(a.tasks, a.methods, a.seeds, a.lrs), a.shard), s)
     # Table 1's column and row order, whatever order the cells were run in.
     tasks = [t for t in TASKS if t in a.tasks]
     methods = [m for m in METHODS if m in a.methods]

@@ -130,3 +130,24 @@ def test_searched_ties_go_to_the_smaller_pair_whatever_the_cell_version():
     cells = [cell(0.5, 1.0), cell(0.8, 0.1), cell(0.5, 0.1), cell(0.6, 10.0)]
     best = select_best(rank_epochs.with_pair(c) for c in cells)
     assert (best["slow_alpha"], best["noise_lambda"]) == (0.5, 0.1)
+
+
+def test_shards_split_the_grid_once_and_a_bad_shard_is_refused():
+    """--shard i/n: the n shards of one grid are disjoint and together are the whole grid, in
+    the grid's order; a malformed or out-of-range shard stops before anything is trained."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import rank_epochs
+    import replicate_minilm
+
+    cells = rank_epochs.all_cells(["sst2", "cb"], [5, 20], [8, 32], ["lora", "noise"], [0, 1],
+                                  [1e-4, 2e-3])
+    shards = [replicate_minilm.shard_cells(cells, (i, 3)) for i in range(3)]
+    assert sorted(map(len, shards)) == [21, 21, 22]  # 64 cells
+    for i, part in enumerate(shards):
+        assert part == cells[i::3]
+    assert replicate_minilm.shard_cells(cells, (0, 1)) == cells
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        proc = subprocess.run([sys.executable, "bench/rank_epochs.py", "--shard", bad,
+                               "--out-dir", "/nonexistent/never-written"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--shard" in proc.stderr, (bad, proc.stderr[-500:])
