@@ -26,7 +26,7 @@ same row with ``slow_alpha: auto`` and ``noise_lambda: auto`` (lorasc_tune/casca
 multiply the LoRASC cost by 9: the learning rate is the one validation chose for the fixed
 LoRASC (``noise``) in that (task, epochs, rank, seed), and the 8 other (alpha, lambda) pairs run
 at that rate. Validation then picks among the 9 pairs. The table counts that row's search:
-11 trained configurations per seed against 3 for every other row. Search cells exist only once
+4 + 8 = 12 trained configurations per seed against 4 (the rates) for every other row. Search cells exist only once
 their fixed-LoRASC group is finished, so run ``--search`` after (or beside) the main grid.
 
 Selection: per (task, epochs, rank, method, seed), the learning rate with the best validation
@@ -321,7 +321,8 @@ def mean_se(values: Sequence[float]) -> str:
     """``mean ± standard error (n=k)``; the error is left out for a single value."""
     if not values:
         return "—"
-    text = f"{statistics.fmean(values):+.1f}"
+    mean = statistics.fmean(values)
+    text = f"{mean if round(mean, 1) else 0.0:+.1f}"  # no "-0.0" for a float-sum residue
     if len(values) > 1:
         text += f" ± {standard_error(values):.1f}"
     return f"{text} (n={len(values)})"
@@ -370,10 +371,12 @@ def pooled_table(diffs: Dict[str, Dict[tuple, float]], tasks, epochs, ranks,
         for r in ranks:
             lines.append(f"| {e}, {r} | " + " | ".join(mean_se(stats[m]["cells"][(e, r)])
                                                       for m in methods) + " |")
-    lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
-                 + " | ".join(mean_se(stats[m]["longer"]) for m in methods) + " |")
-    lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
-                 + " | ".join(mean_se(stats[m]["wider"]) for m in methods) + " |")
+    if max(epochs) > min(epochs):
+        lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
+                     + " | ".join(mean_se(stats[m]["longer"]) for m in methods) + " |")
+    if max(ranks) > min(ranks):
+        lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
+                     + " | ".join(mean_se(stats[m]["wider"]) for m in methods) + " |")
     return lines + [""]
 
 
@@ -598,7 +601,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--epochs", type=rm._csv(int), default=list(EPOCHS))
     p.add_argument("--ranks", type=rm._csv(int), default=list(RANKS))
     rm.add_grid_arguments(p, METHODS, "tiny sizes: SST-2, ranks 2 and 4, 2 epochs, LoRA and "
-                          "LoRASC auto", "only write table.md and the plots")
+                          "LoRASC auto", "only write table.md and the plots; they always cover the "
+                          "folder's whole grid (settings.json), whatever this run narrows")
     p.set_defaults(lrs=list(LRS))
     p.add_argument("--search", action="store_true",
                    help="run the searched LoRASC's cells (α, λ of §4.1 at the fixed LoRASC's "
@@ -623,9 +627,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cells = (search_cells(a.out_dir, a.tasks, a.epochs, a.ranks, a.seeds, a.lrs)
                  if a.search else all_cells(*grid))
         sweep(a.out_dir, rm.shard_cells(cells, a.shard), s)
-    tasks = [t for t in TASKS if t in a.tasks]
-    methods = [m for m in METHODS if m in a.methods]
-    ordered = (tasks, sorted(a.epochs), sorted(a.ranks), methods, a.seeds, a.lrs)
+    # table.md and the plots cover every cell this folder was asked for (settings.json keeps
+    # the union of every run's grid), so a run narrowed to one task, seed or shard does not
+    # overwrite the whole table with its own part.
+    settings = a.out_dir / "settings.json"
+    g = json.loads(settings.read_text())["grid"] if settings.is_file() else {}
+    ordered = ([t for t in TASKS if t in g.get("tasks", a.tasks)],
+               sorted(g.get("epochs", a.epochs)), sorted(g.get("ranks", a.ranks)),
+               [m for m in METHODS if m in g.get("methods", a.methods)],
+               sorted(g.get("seeds", a.seeds)), sorted(g.get("lrs", a.lrs)))
     table = build_table(a.out_dir, *ordered)
     atomic_write_text(a.out_dir / "table.md", table)
     plot(a.out_dir, *ordered)

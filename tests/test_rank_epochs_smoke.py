@@ -114,6 +114,27 @@ def test_fig2_summary_pools_pairs_and_averages_per_task_and_seed():
                                    ("sst2", 5, 8, 0): -4.0}) == [2.0, -4.0]
     assert rank_epochs.mean_se([1.0, 3.0]) == "+2.0 ± 1.0 (n=2)"
     assert rank_epochs.mean_se([-0.5]) == "-0.5 (n=1)" and rank_epochs.mean_se([]) == "—"
+    assert rank_epochs.mean_se([78.6 - 78.7 + 0.1]) == "+0.0 (n=1)"  # -1.4e-14, not "-0.0"
+
+
+def test_a_narrowed_run_keeps_the_whole_table(tmp_path):
+    """table.md covers the folder's recorded grid (settings.json), not the part one run was
+    narrowed to: a per-seed or per-task sub-run once overwrote the whole table with its part."""
+    out = tmp_path / "rank_epochs"
+    out.mkdir()
+    grid = {"tasks": ["sst2", "cb"], "epochs": [20, 5], "ranks": [8], "methods": ["lora", "noise"],
+            "seeds": [1, 0], "lrs": [2e-3, 1e-4]}
+    (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
+    proc = subprocess.run([sys.executable, "bench/rank_epochs.py", "--out-dir", str(out),
+                           "--table", "--tasks", "cb", "--epochs", "5", "--seeds", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    # 2 tasks x 2 epoch counts x 1 rank x 2 methods x 2 seeds x 2 rates, none finished yet.
+    assert table.startswith("Status: PARTIAL: 0 of 32 cells finished")
+    assert [line for line in table.splitlines() if line.startswith("### ")] == [
+        "### SST-2, 5 epochs", "### SST-2, 20 epochs", "### CB, 5 epochs", "### CB, 20 epochs"]
+    assert "{0.0001, 0.002}" in table and "seeds 0, 1" in table
 
 
 def test_searched_ties_go_to_the_smaller_pair_whatever_the_cell_version():
