@@ -26,8 +26,9 @@ same row with ``slow_alpha: auto`` and ``noise_lambda: auto`` (lorasc_tune/casca
 multiply the LoRASC cost by 9: the learning rate is the one validation chose for the fixed
 LoRASC (``noise``) in that (task, epochs, rank, seed), and the 8 other (alpha, lambda) pairs run
 at that rate. Validation then picks among the 9 pairs. The table counts that row's search:
-4 + 8 = 12 trained configurations per seed against 4 (the rates) for every other row. Search cells exist only once
-their fixed-LoRASC group is finished, so run ``--search`` after (or beside) the main grid.
+4 + 8 = 12 trained configurations per seed against 4 (the rates) for every other row. Search
+cells exist only once their fixed-LoRASC group is finished, so run ``--search`` after (or
+beside) the main grid.
 
 Selection: per (task, epochs, rank, method, seed), the learning rate with the best validation
 accuracy (ties to the smaller rate, recipes/paper_selection.select_best); the table reports that
@@ -627,15 +628,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cells = (search_cells(a.out_dir, a.tasks, a.epochs, a.ranks, a.seeds, a.lrs)
                  if a.search else all_cells(*grid))
         sweep(a.out_dir, rm.shard_cells(cells, a.shard), s)
-    # table.md and the plots cover every cell this folder was asked for (settings.json keeps
-    # the union of every run's grid), so a run narrowed to one task, seed or shard does not
-    # overwrite the whole table with its own part.
-    settings = a.out_dir / "settings.json"
-    g = json.loads(settings.read_text())["grid"] if settings.is_file() else {}
-    ordered = ([t for t in TASKS if t in g.get("tasks", a.tasks)],
-               sorted(g.get("epochs", a.epochs)), sorted(g.get("ranks", a.ranks)),
-               [m for m in METHODS if m in g.get("methods", a.methods)],
-               sorted(g.get("seeds", a.seeds)), sorted(g.get("lrs", a.lrs)))
+    # table.md and the plots cover every cell this folder was asked for, not this run's part.
+    g = rm.recorded_grid(a.out_dir, {"tasks": a.tasks, "epochs": a.epochs, "ranks": a.ranks,
+                                     "methods": a.methods, "seeds": a.seeds, "lrs": a.lrs})
+    ordered = ([t for t in TASKS if t in g["tasks"]], sorted(g["epochs"]), sorted(g["ranks"]),
+               [m for m in METHODS if m in g["methods"]], sorted(g["seeds"]), sorted(g["lrs"]))
     table = build_table(a.out_dir, *ordered)
     atomic_write_text(a.out_dir / "table.md", table)
     plot(a.out_dir, *ordered)

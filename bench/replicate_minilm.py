@@ -366,6 +366,15 @@ def check_settings(out_dir: Path, s: dict, grid: dict) -> None:
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
 
 
+def recorded_grid(out_dir: Path, asked: dict) -> dict:
+    """The grid a folder's table.md covers: the union settings.json keeps of every run's grid
+    (``asked`` for a key it lacks), so a run narrowed to one task or seed does not overwrite
+    the whole table with its own part."""
+    path = out_dir / "settings.json"
+    rec = json.loads(path.read_text()).get("grid", {}) if path.is_file() else {}
+    return {k: rec.get(k, v) for k, v in asked.items()}
+
+
 def run_pending(out_dir: Path, cells: Sequence, s: dict, splits, train, describe) -> None:
     """Train every unfinished cell and write its JSON atomically, one thread, in order.
 
@@ -525,9 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                       "lrs": a.lrs})
         sweep(a.out_dir, shard_cells(all_cells(a.tasks, a.methods, a.seeds, a.lrs), a.shard), s)
     # Table 1's column and row order, whatever order the cells were run in.
-    tasks = [t for t in TASKS if t in a.tasks]
-    methods = [m for m in METHODS if m in a.methods]
-    table = build_table(a.out_dir, tasks, methods, a.seeds, a.lrs)
+    g = recorded_grid(a.out_dir, {"tasks": a.tasks, "methods": a.methods, "seeds": a.seeds,
+                                  "lrs": a.lrs})
+    tasks = [t for t in TASKS if t in g["tasks"]]
+    methods = [m for m in METHODS if m in g["methods"]]
+    table = build_table(a.out_dir, tasks, methods, sorted(g["seeds"]), sorted(g["lrs"]))
     atomic_write_text(a.out_dir / "table.md", table)
     print(table)
 

@@ -172,3 +172,22 @@ def test_shards_split_the_grid_once_and_a_bad_shard_is_refused():
                                "--out-dir", "/nonexistent/never-written"],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "--shard" in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_a_narrowed_replication_run_keeps_the_whole_table(tmp_path):
+    """The same rule for bench/replicate_minilm.py, which shares ``recorded_grid``."""
+    out = tmp_path / "minilm"
+    out.mkdir()
+    grid = {"tasks": ["sst2", "cb"], "methods": ["lora", "noise"], "seeds": [1, 0],
+            "lrs": [2e-3, 5e-4]}
+    (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
+    proc = subprocess.run([sys.executable, "bench/replicate_minilm.py", "--out-dir", str(out),
+                           "--table", "--tasks", "cb", "--methods", "lora", "--seeds", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| Method | SST-2 | CB | Avg. |"
+    assert [line.split(" |")[0] for line in table.splitlines()[2:4]] == [
+        "| LoRA", "| +++Noise (= LoRA + LoRASC)"]
+    # 2 tasks x 2 methods x 2 seeds x 2 rates
+    assert "Status: PARTIAL: 0 of 16 cells finished" in table and "{0.0005, 0.002}" in table
