@@ -117,19 +117,25 @@ def test_fig2_summary_pools_pairs_and_averages_per_task_and_seed():
     assert rank_epochs.mean_se([78.6 - 78.7 + 0.1]) == "+0.0 (n=1)"  # -1.4e-14, not "-0.0"
 
 
+def narrowed_table(tmp_path, script: str, grid: dict, narrowing: list) -> str:
+    """table.md of ``bench/<script> --table <narrowing>`` in a folder whose settings.json
+    records ``grid`` (no cells finished)."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--out-dir", str(out), "--table",
+                           *narrowing], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (out / "table.md").read_text()
+
+
 def test_a_narrowed_run_keeps_the_whole_table(tmp_path):
     """table.md covers the folder's recorded grid (settings.json), not the part one run was
     narrowed to: a per-seed or per-task sub-run once overwrote the whole table with its part."""
-    out = tmp_path / "rank_epochs"
-    out.mkdir()
     grid = {"tasks": ["sst2", "cb"], "epochs": [20, 5], "ranks": [8], "methods": ["lora", "noise"],
             "seeds": [1, 0], "lrs": [2e-3, 1e-4]}
-    (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
-    proc = subprocess.run([sys.executable, "bench/rank_epochs.py", "--out-dir", str(out),
-                           "--table", "--tasks", "cb", "--epochs", "5", "--seeds", "0"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (out / "table.md").read_text()
+    table = narrowed_table(tmp_path, "rank_epochs.py", grid,
+                           ["--tasks", "cb", "--epochs", "5", "--seeds", "0"])
     # 2 tasks x 2 epoch counts x 1 rank x 2 methods x 2 seeds x 2 rates, none finished yet.
     assert table.startswith("Status: PARTIAL: 0 of 32 cells finished")
     assert [line for line in table.splitlines() if line.startswith("### ")] == [
@@ -176,16 +182,10 @@ def test_shards_split_the_grid_once_and_a_bad_shard_is_refused():
 
 def test_a_narrowed_replication_run_keeps_the_whole_table(tmp_path):
     """The same rule for bench/replicate_minilm.py, which shares ``recorded_grid``."""
-    out = tmp_path / "minilm"
-    out.mkdir()
     grid = {"tasks": ["sst2", "cb"], "methods": ["lora", "noise"], "seeds": [1, 0],
             "lrs": [2e-3, 5e-4]}
-    (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
-    proc = subprocess.run([sys.executable, "bench/replicate_minilm.py", "--out-dir", str(out),
-                           "--table", "--tasks", "cb", "--methods", "lora", "--seeds", "0"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (out / "table.md").read_text()
+    table = narrowed_table(tmp_path, "replicate_minilm.py", grid,
+                           ["--tasks", "cb", "--methods", "lora", "--seeds", "0"])
     assert table.splitlines()[0] == "| Method | SST-2 | CB | Avg. |"
     assert [line.split(" |")[0] for line in table.splitlines()[2:4]] == [
         "| LoRA", "| +++Noise (= LoRA + LoRASC)"]
