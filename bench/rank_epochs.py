@@ -359,13 +359,19 @@ def pooled_table(diffs: Dict[str, Dict[tuple, float]], tasks, epochs, ranks,
     keys = shared_keys({m: d for m, d in diffs.items() if m != SEARCHED})
     stats = {m: fig2_summary(d, keys & set(d), epochs, ranks) for m, d in diffs.items()}
     task_names = " and ".join(TASK_LABELS[t] for t in tasks)
+    # A grid narrowed to one epoch count or one rank has no growth along that axis.
+    growth = ([f"from {min(epochs)} to {max(epochs)} epochs (mean over ranks)"]
+              if max(epochs) > min(epochs) else []) + \
+             ([f"from rank {min(ranks)} to {max(ranks)} (mean over epoch counts)"]
+              if max(ranks) > min(ranks) else [])
+    growth_text = (f"; then its growth {' and '.join(growth)}, per (task, seed), then mean ± "
+                   f"standard error" if growth else "")
+    lagging = " (the searched row, which lags: its share of them)" if SEARCHED in diffs else ""
     lines = [f"Fig. 2's question against {label(base)}, pooled over {task_names}: the "
              f"difference per (epochs, rank), mean ± standard error over (task, seed) pairs "
-             f"(n); then its growth from {min(epochs)} to {max(epochs)} epochs (mean over ranks) "
-             f"and from rank {min(ranks)} to {max(ranks)} (mean over epoch counts), per (task, "
-             f"seed), then mean ± standard error. Every column uses the same runs: those all "
-             f"the main-grid rows have finished (the searched row, which lags: its share of "
-             f"them). Fig. 2 predicts positive entries that grow, i.e. positive growth rows.", "",
+             f"(n){growth_text}. Every column uses the same runs: those all the main-grid rows "
+             f"have finished{lagging}. Fig. 2 predicts positive entries that grow"
+             f"{', i.e. positive growth rows' if growth else ''}.", "",
              "| Epochs, rank | " + " | ".join(label(m) for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for e in epochs:
@@ -420,12 +426,14 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
              f"[train accuracy mean] of the same selected runs. (k/{len(seeds)}): only k seeds "
              f"have every rate finished. Bold: best test mean in the column (over the seeds "
              f"each row has finished). Runs per seed: the configurations each entry was "
-             f"selected among.", "",
-             f"{SEARCHED_LABEL}: §4.1's α {{{', '.join(f'{a:g}' for a in SLOW_ALPHAS)}}} x λ "
-             f"{{{', '.join(f'{v:g}' for v in NOISE_LAMBDAS)}}} at the rate validation chose for "
-             f"LoRASC (α 0.5, λ 1), validation choosing the pair: {len(lrs) + len(SEARCH_METHODS)}"
-             f" trained configurations per seed, against {len(lrs)} for every other row (the "
-             f"paper's joint search would be {len(lrs) * len(SEARCH_PAIRS)}).", ""]
+             f"selected among.", ""]
+    if SEARCHED in methods:
+        lines += [
+            f"{SEARCHED_LABEL}: §4.1's α {{{', '.join(f'{a:g}' for a in SLOW_ALPHAS)}}} x λ "
+            f"{{{', '.join(f'{v:g}' for v in NOISE_LAMBDAS)}}} at the rate validation chose for "
+            f"LoRASC (α 0.5, λ 1), validation choosing the pair: {len(lrs) + len(SEARCH_METHODS)}"
+            f" trained configurations per seed, against {len(lrs)} for every other row (the "
+            f"paper's joint search would be {len(lrs) * len(SEARCH_PAIRS)}).", ""]
     for t in tasks:
         for e in epochs:
             lines += [f"### {TASK_LABELS[t]}, {e} epochs", "",
@@ -452,22 +460,24 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
                 lines.append(f"| {label(m)} | {runs} | " + " | ".join(entries) + " |")
             lines.append("")
     others = [m for m in methods if m != "lora"]
-    d_lora = {m: differences(summary, tasks, epochs, ranks, m) for m in others}
-    lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
-              "split, then mean ± standard error over the seeds both have):", "",
-              "| Task, epochs, rank | " + " | ".join(label(m) for m in others) + " |",
-              "|---|" + "---|" * len(others)]
-    for t in tasks:
-        for e in epochs:
-            for r in ranks:
-                lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(
-                    mean_se([v for (t2, e2, r2, _), v in sorted(d_lora[m].items())
-                             if (t2, e2, r2) == (t, e, r)]) for m in others) + " |")
-    lines.append("")
-    lines += pooled_table(d_lora, tasks, epochs, ranks, "lora")
-    if "cola" in methods:  # Fig. 2 also compares the cascade to COLA's
+    if "lora" in methods and others:  # a grid narrowed to one method has nothing to pair
+        d_lora = {m: differences(summary, tasks, epochs, ranks, m) for m in others}
+        lines += ["Paired test-accuracy difference against LoRA (points; per seed on the same "
+                  "split, then mean ± standard error over the seeds both have):", "",
+                  "| Task, epochs, rank | " + " | ".join(label(m) for m in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for t in tasks:
+            for e in epochs:
+                for r in ranks:
+                    lines.append(f"| {TASK_LABELS[t]}, {e}, {r} | " + " | ".join(
+                        mean_se([v for (t2, e2, r2, _), v in sorted(d_lora[m].items())
+                                 if (t2, e2, r2) == (t, e, r)]) for m in others) + " |")
+        lines.append("")
+        lines += pooled_table(d_lora, tasks, epochs, ranks, "lora")
+    cascades = [m for m in others if m != "cola"]
+    if "cola" in methods and cascades:  # Fig. 2 also compares the cascade to COLA's
         lines += pooled_table({m: differences(summary, tasks, epochs, ranks, m, "cola")
-                               for m in others if m != "cola"}, tasks, epochs, ranks, "cola")
+                               for m in cascades}, tasks, epochs, ranks, "cola")
     # The keep-or-drop question for `auto`, and what the search buys: paired per seed, pooled
     # over every finished (task, epochs, rank, seed); the error over (task, seed) means.
     for m, base in (("lorasc_auto", "noise"), (SEARCHED, "noise"), ("lorasc_auto", SEARCHED)):
@@ -516,8 +526,9 @@ def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]
     for t in tasks:
         if not any(k[0] == t for k in summary):
             continue
-        fig, axes = plt.subplots(2, len(epochs), figsize=(4.5 * len(epochs), 7), squeeze=False,
-                                 sharex=True)
+        # At least 7.5 inches wide, so that one column still shows the whole title.
+        fig, axes = plt.subplots(2, len(epochs), figsize=(max(4.5 * len(epochs), 7.5), 7),
+                                 squeeze=False, sharex=True)
         for j, e in enumerate(epochs):
             for i, split in enumerate(("test", "train")):
                 ax = axes[i][j]
@@ -559,7 +570,7 @@ def plot_advantage(out_dir: Path, summary: dict, tasks, epochs, ranks, methods, 
     tasks = [t for t in tasks if any(k[0] == t for k in summary)]
     if not tasks or not others:
         return []
-    fig, axes = plt.subplots(len(tasks), len(others), figsize=(3.2 * len(others),
+    fig, axes = plt.subplots(len(tasks), len(others), figsize=(max(3.2 * len(others), 12),
                              2.9 * len(tasks)), squeeze=False, sharex=True, sharey="row")
     diffs = {m: differences(summary, tasks, epochs, ranks, m) for m in others}
     for i, t in enumerate(tasks):

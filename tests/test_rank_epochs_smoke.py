@@ -34,6 +34,9 @@ def test_rank_epochs_smoke(tmp_path):
     table = (out / "table.md").read_text()
     assert "Status: complete" in table and "| LoRASC (α, λ auto) |" in table and "[" in table
     assert "Fig. 2's question" in table and "| growth, rank 2 → 4 |" in table
+    # One epoch count and no search: the prose names no growth over epochs and no searched row.
+    assert "its growth from rank 2 to 4 (mean over epoch counts)" in table
+    assert "epochs (mean over ranks)" not in table and "searched" not in table
     for png in (out / "sst2_rank_epochs.png", out / "advantage_over_lora.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -121,7 +124,7 @@ def narrowed_table(tmp_path, script: str, grid: dict, narrowing: list) -> str:
     """table.md of ``bench/<script> --table <narrowing>`` in a folder whose settings.json
     records ``grid`` (no cells finished)."""
     out = tmp_path / "sweep"
-    out.mkdir()
+    out.mkdir(parents=True)
     (out / "settings.json").write_text(json.dumps({"sizes": {}, "grid": grid}))
     proc = subprocess.run([sys.executable, f"bench/{script}", "--out-dir", str(out), "--table",
                            *narrowing], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -141,6 +144,20 @@ def test_a_narrowed_run_keeps_the_whole_table(tmp_path):
     assert [line for line in table.splitlines() if line.startswith("### ")] == [
         "### SST-2, 5 epochs", "### SST-2, 20 epochs", "### CB, 5 epochs", "### CB, 20 epochs"]
     assert "{0.0001, 0.002}" in table and "seeds 0, 1" in table
+
+
+def test_a_grid_with_nothing_to_compare_prints_no_comparison_tables(tmp_path):
+    """LoRA alone has no difference against LoRA; COLA and LoRA alone, none against COLA."""
+    grid = {"tasks": ["sst2"], "epochs": [20], "ranks": [8, 32], "methods": ["lora"],
+            "seeds": [0], "lrs": [1e-4]}
+    table = narrowed_table(tmp_path / "a", "rank_epochs.py", grid, [])
+    assert "### SST-2, 20 epochs" in table
+    assert "Paired test-accuracy difference" not in table and "Fig. 2's question" not in table
+    table = narrowed_table(tmp_path / "b", "rank_epochs.py", dict(grid, methods=["lora", "cola"]),
+                           [])
+    assert "| Task, epochs, rank | COLA |" in table
+    assert "Fig. 2's question against LoRA" in table
+    assert "Fig. 2's question against COLA" not in table
 
 
 def test_searched_ties_go_to_the_smaller_pair_whatever_the_cell_version():
