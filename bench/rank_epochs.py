@@ -250,9 +250,10 @@ def with_pair(result: dict) -> dict:
                 noise_lambda=result["lorasc"]["noise_lambda"])
 
 
-def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> None:
-    """Add the searched LoRASC's rows: per seed, validation's pick among the 9 (α, λ) pairs at
-    the fixed LoRASC's chosen rate, once all 9 are finished (a seed counts only then)."""
+def add_searched(summary: dict, searched: Dict[Cell, dict], tasks, epochs, ranks) -> None:
+    """Add the searched LoRASC's rows from ``searched`` (:func:`search_results`): per seed,
+    validation's pick among the 9 (α, λ) pairs at the fixed LoRASC's chosen rate, once all 9
+    are finished (a seed counts only then)."""
     for t in tasks:
         for e in epochs:
             for r in ranks:
@@ -261,11 +262,10 @@ def add_searched(summary: dict, out_dir: Path, tasks, epochs, ranks, seeds) -> N
                     continue
                 chosen = []
                 for b in fixed["chosen"]:
-                    paths = [Cell(t, e, r, m, b["seed"], b["lr"]).path(out_dir)
-                             for m in SEARCH_METHODS]
-                    if all(p.is_file() for p in paths):
-                        best = select_best(with_pair(r) for r in
-                                           [b] + [json.loads(p.read_text()) for p in paths])
+                    group = [Cell(t, e, r, m, b["seed"], b["lr"]) for m in SEARCH_METHODS]
+                    if all(c in searched for c in group):
+                        best = select_best(with_pair(cell) for cell in
+                                           [b] + [searched[c] for c in group])
                         if best is not None:
                             chosen.append(best)
                 if chosen:
@@ -360,10 +360,10 @@ def pooled_table(diffs: Dict[str, Dict[tuple, float]], tasks, epochs, ranks,
     stats = {m: fig2_summary(d, keys & set(d), epochs, ranks) for m, d in diffs.items()}
     task_names = " and ".join(TASK_LABELS[t] for t in tasks)
     # A grid narrowed to one epoch count or one rank has no growth along that axis.
-    growth = ([f"from {min(epochs)} to {max(epochs)} epochs (mean over ranks)"]
-              if max(epochs) > min(epochs) else []) + \
-             ([f"from rank {min(ranks)} to {max(ranks)} (mean over epoch counts)"]
-              if max(ranks) > min(ranks) else [])
+    longer, wider = max(epochs) > min(epochs), max(ranks) > min(ranks)
+    growth = ([f"from {min(epochs)} to {max(epochs)} epochs (mean over ranks)"] if longer
+              else []) + ([f"from rank {min(ranks)} to {max(ranks)} (mean over epoch counts)"]
+                          if wider else [])
     growth_text = (f"; then its growth {' and '.join(growth)}, per (task, seed), then mean ± "
                    f"standard error" if growth else "")
     lagging = " (the searched row, which lags: its share of them)" if SEARCHED in diffs else ""
@@ -378,10 +378,10 @@ def pooled_table(diffs: Dict[str, Dict[tuple, float]], tasks, epochs, ranks,
         for r in ranks:
             lines.append(f"| {e}, {r} | " + " | ".join(mean_se(stats[m]["cells"][(e, r)])
                                                       for m in methods) + " |")
-    if max(epochs) > min(epochs):
+    if longer:
         lines.append(f"| growth, {min(epochs)} → {max(epochs)} epochs | "
                      + " | ".join(mean_se(stats[m]["longer"]) for m in methods) + " |")
-    if max(ranks) > min(ranks):
+    if wider:
         lines.append(f"| growth, rank {min(ranks)} → {max(ranks)} | "
                      + " | ".join(mean_se(stats[m]["wider"]) for m in methods) + " |")
     return lines + [""]
@@ -397,14 +397,30 @@ def auto_choices(chosen: List[dict]) -> tuple:
             statistics.fmean(lams) if lams else math.nan)
 
 
-def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str:
-    cells = all_cells(tasks, epochs, ranks, methods, seeds, lrs)
-    results = load_results(out_dir, cells)
+@dataclass
+class Loaded:
+    """A folder's finished cells, read once for both table.md and the plots."""
+    results: Dict[Cell, dict]  # main-grid cells
+    searched: Dict[Cell, dict]  # the search's cells
+    summary: dict  # :func:`summarize`, plus the searched row (:func:`add_searched`)
+    methods: List[str]  # the grid's methods, plus the searched row where it has entries
+
+
+def load(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> Loaded:
+    """Every finished cell of the grid and of the search, read from disk once."""
+    results = load_results(out_dir, all_cells(tasks, epochs, ranks, methods, seeds, lrs))
     summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
     searched = search_results(out_dir, tasks, epochs, ranks, seeds, lrs)
-    add_searched(summary, out_dir, tasks, epochs, ranks, seeds)
-    if any(k[3] == SEARCHED for k in summary):
-        methods = list(methods) + [SEARCHED]
+    add_searched(summary, searched, tasks, epochs, ranks)
+    methods = list(methods) + ([SEARCHED] if any(k[3] == SEARCHED for k in summary) else [])
+    return Loaded(results, searched, summary, methods)
+
+
+def build_table(out_dir: Path, loaded: Loaded, tasks, epochs, ranks, methods, seeds,
+                lrs) -> str:
+    cells = all_cells(tasks, epochs, ranks, methods, seeds, lrs)  # the grid's, not the rows'
+    results, searched, summary, methods = (loaded.results, loaded.searched, loaded.summary,
+                                           loaded.methods)
     cpu_h = sum(r["seconds"]["cpu"] for r in [*results.values(), *searched.values()]) / 3600
     status = ("complete" if len(results) == len(cells) else
               f"PARTIAL: {len(results)} of {len(cells)} cells finished")
@@ -510,18 +526,14 @@ def build_table(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(out_dir: Path, tasks, epochs, ranks, methods, seeds, lrs) -> List[Path]:
+def plot(out_dir: Path, loaded: Loaded, tasks, epochs, ranks, seeds) -> List[Path]:
     """One PNG per task: test (top) and train (bottom) accuracy against rank, per epoch count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = load_results(out_dir, all_cells(tasks, epochs, ranks, methods, seeds, lrs))
-    summary = summarize(results, tasks, epochs, ranks, methods, seeds, lrs)
-    add_searched(summary, out_dir, tasks, epochs, ranks, seeds)
-    if any(k[3] == SEARCHED for k in summary):
-        methods = list(methods) + [SEARCHED]
+    summary, methods = loaded.summary, loaded.methods
     paths = []
     for t in tasks:
         if not any(k[0] == t for k in summary):
@@ -644,9 +656,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      "methods": a.methods, "seeds": a.seeds, "lrs": a.lrs})
     ordered = ([t for t in TASKS if t in g["tasks"]], sorted(g["epochs"]), sorted(g["ranks"]),
                [m for m in METHODS if m in g["methods"]], sorted(g["seeds"]), sorted(g["lrs"]))
-    table = build_table(a.out_dir, *ordered)
+    loaded = load(a.out_dir, *ordered)
+    table = build_table(a.out_dir, loaded, *ordered)
     atomic_write_text(a.out_dir / "table.md", table)
-    plot(a.out_dir, *ordered)
+    tasks, epochs, ranks, _, seeds, _ = ordered
+    plot(a.out_dir, loaded, tasks, epochs, ranks, seeds)
     print(table)
 
 
